@@ -1,0 +1,48 @@
+"""``calib import-hg1``: write calib's embedded HG1 dataset from the study's files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from calib.data.experiments import import_hg1
+from calib.data.workloads import EMBEDDED_HG1
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``import-hg1`` subcommand.
+
+    The handler is stored as ``func`` in the parsed namespace; it returns the
+    exit code.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser(prog="calib")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["import-hg1", "../shared/data/hg1", "--out", "/tmp/hg1"])
+    >>> args.source_dir, args.out, args.func is run
+    (PosixPath('../shared/data/hg1'), PosixPath('/tmp/hg1'), True)
+    """
+    parser = subparsers.add_parser(
+        "import-hg1",
+        help="write calib's embedded HG1 experiment dataset from the study's files",
+        description=(
+            "Read experiments.csv, workloads.yaml and reference_request_lengths.json from SOURCE_DIR "
+            "and write calib's own compact dataset (experiments.csv, workloads.yaml, "
+            "request_lengths.json, README.md) to --out."
+        ),
+    )
+    parser.add_argument("source_dir", metavar="SOURCE_DIR", type=Path, help="folder of the HG1 study's files")
+    parser.add_argument(
+        "--out", type=Path, default=EMBEDDED_HG1, help=f"output folder (default: {EMBEDDED_HG1})"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the import; print the files written. Raises DataError on bad input."""
+    for path in import_hg1(args.source_dir, args.out):
+        print(f"wrote {path}")
+    return 0

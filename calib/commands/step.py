@@ -1,0 +1,105 @@
+"""``calib step``: the time of one step, from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from calib.errors import CalibError
+from calib.physics import PhysicsOptions, StepBatch, StepModel
+from calib.physics.options import VARIANTS
+
+__all__ = ["register", "parse_prefill", "parse_decode"]
+
+
+def parse_prefill(text: str | None) -> list[tuple[int, int]]:
+    """``"PI:N[,PI:N...]"`` -> ``[(PI, N), ...]``.
+
+    >>> parse_prefill("0:512,2048:100")
+    [(0, 512), (2048, 100)]
+    """
+    if not text:
+        return []
+    out = []
+    for item in text.split(","):
+        pi, sep, n = item.strip().partition(":")
+        if not sep:
+            raise CalibError(f"expected PI:N, got {item!r}", field="--prefill")
+        out.append((_int(pi, "--prefill PI"), _int(n, "--prefill N")))
+    return out
+
+
+def parse_decode(text: str | None) -> list[int]:
+    """``"PI[,PI...]"`` -> ``[PI, ...]``."""
+    if not text:
+        return []
+    return [_int(x, "--decode PI") for x in text.split(",")]
+
+
+def _int(text: str, field: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise CalibError(f"expected a whole number, got {text.strip()!r}", field=field) from None
+    if value < 0:
+        raise CalibError(f"must be >= 0, got {value}", field=field)
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("step", help="time of one step (prefill and/or decode entries)",
+                              description="Evaluate the roofline step-time model for one batch.")
+    p.add_argument("--model", required=True, help="shipped model name (e.g. llama-2-7b-hf) or path to config.json")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--prefill", help="prefill entries PI:N[,PI:N...] (progress index : new tokens)")
+    p.add_argument("--decode", help="decode entries PI[,PI...] (KV length before the token)")
+    p.add_argument("--hardware", default="h100", help="hardware name in configs/hardware or a YAML path")
+    p.add_argument("--variant", default="v2.3", choices=VARIANTS, help="step model form (default v2.3)")
+    p.add_argument("--mfu", choices=("nearest", "interp"), help="MFU lookup rule (default: the variant's)")
+    p.add_argument("--bw-efficiency", type=float, help="bandwidth efficiency (default: the hardware's)")
+    p.add_argument("--overhead-us", type=float, default=0.0, help="perLayerOverhead, µs per layer (x L / TP)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prefill, decode = parse_prefill(args.prefill), parse_decode(args.decode)
+    if not prefill and not decode:
+        raise CalibError("give at least one --prefill or --decode entry", field="batch")
+    if args.tp < 1:
+        raise CalibError(f"must be >= 1, got {args.tp}", field="--tp")
+    options = PhysicsOptions.for_variant(args.variant, mfu_rule=args.mfu, bw_efficiency=args.bw_efficiency)
+    sm = StepModel.build(args.model, args.tp, hardware=args.hardware, options=options)
+    batch = StepBatch.single(prefill, decode)
+    parts = sm.parts(batch)
+    overhead = sm.per_layer_overhead(args.overhead_us)
+    step = int(sm.step_us(batch, overhead)[0])
+    us = lambda a: round(float(a[0]) * 1e6, 3)  # noqa: E731
+    result = {
+        "step_us": step,
+        "hardware_us": us(parts.hardware_s),
+        "overhead_us": round(overhead, 3),
+        "prefill_compute_us": us(parts.prefill_compute_s),
+        "prefill_memory_us": us(parts.prefill_memory_s),
+        "decode_compute_us": us(parts.decode_compute_s),
+        "decode_memory_us": us(parts.decode_memory_s),
+        "model": sm.model.name,
+        "tp": sm.tp,
+        "hardware": sm.hardware.name,
+        "variant": options.variant,
+        "mfu_rule": options.mfu_rule,
+        "bw_efficiency": options.bw_efficiency if options.bw_efficiency is not None else sm.hardware.bw_efficiency,
+        "prefill": [list(e) for e in prefill],
+        "decode": decode,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{sm.model.name}  TP={sm.tp}  {sm.hardware.name}  {options.variant}  MFU {options.mfu_rule}")
+    rows = [("prefill compute", result["prefill_compute_us"]), ("prefill memory", result["prefill_memory_us"]),
+            ("decode compute", result["decode_compute_us"]), ("decode memory", result["decode_memory_us"]),
+            ("hardware", result["hardware_us"]), ("overhead", result["overhead_us"])]
+    for name, value in rows:
+        print(f"  {name:<16}{value:>14,.1f} µs")
+    print(f"  {'step':<16}{step:>14,d} µs")
+    return 0

@@ -1,0 +1,152 @@
+"""Overhead models: the CPU and scheduling time the roofline does not see.
+
+An overhead model maps per-step features to µs added to every non-empty step.
+Each model is a small class with named parameters; ``from_params`` builds one
+from a flat dict (what an Optuna trial suggests), ``search_space`` declares the
+ranges a study searches.  The features are arrays of length ``n_steps``:
+
+``n_prefill``      prefill entries in the step
+``prefill_tokens`` new prefill tokens (``p``)
+``n_decode``       decode entries (``q``)
+
+and the scalars ``num_layers`` (``L``) and ``tp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Mapping
+
+import numpy as np
+
+from calib.errors import ConfigError
+
+__all__ = [
+    "OverheadModel",
+    "PerLayer",
+    "PerLayerTPPower",
+    "PerStepPlusPerLayer",
+    "PrefillDecodeSplit",
+    "BatchLinear",
+    "OVERHEAD_MODELS",
+    "make_overhead",
+]
+
+
+@dataclass(frozen=True)
+class OverheadModel:
+    """Base class: ``step_us(features, num_layers, tp)`` -> µs per step (0 for empty steps)."""
+
+    name: ClassVar[str] = "base"
+    #: parameter -> (low, high) default search range
+    ranges: ClassVar[Mapping[str, tuple[float, float]]] = {}
+
+    def _per_step(self, f: Mapping[str, np.ndarray], L: int, tp: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def step_us(self, features: Mapping[str, np.ndarray], num_layers: int, tp: int) -> np.ndarray:
+        busy = (np.asarray(features["n_prefill"]) + np.asarray(features["n_decode"])) > 0
+        return np.where(busy, self._per_step(features, num_layers, tp), 0.0)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return asdict(self)
+
+    @property
+    def n_params(self) -> int:
+        return len(fields(self))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, float]) -> "OverheadModel":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ConfigError(f"unknown parameter of overhead model {cls.name!r}; known: {', '.join(sorted(names))}",
+                              field=unknown[0])
+        return cls(**{k: float(v) for k, v in params.items()})
+
+
+@dataclass(frozen=True)
+class PerLayer(OverheadModel):
+    """The reference rule: ``per_layer_us * L / TP`` per step (``perLayerOverhead``).
+
+    >>> PerLayer(100.0).step_us({"n_prefill": np.array([0, 1]), "n_decode": np.array([1, 0])}, 32, 1).tolist()
+    [3200.0, 3200.0]
+    """
+
+    per_layer_us: float = 100.0
+    name: ClassVar[str] = "per_layer"
+    ranges: ClassVar = {"per_layer_us": (0.0, 500.0)}
+
+    def _per_step(self, f, L, tp):
+        return np.full(np.shape(f["n_decode"]), self.per_layer_us * L / tp)
+
+
+@dataclass(frozen=True)
+class PerLayerTPPower(OverheadModel):
+    """``per_layer_us * L / TP**alpha``: alpha = 1 is the reference, 0 ignores TP."""
+
+    per_layer_us: float = 100.0
+    alpha: float = 1.0
+    name: ClassVar[str] = "per_layer_tp_power"
+    ranges: ClassVar = {"per_layer_us": (0.0, 500.0), "alpha": (0.0, 1.5)}
+
+    def _per_step(self, f, L, tp):
+        return np.full(np.shape(f["n_decode"]), self.per_layer_us * L / tp**self.alpha)
+
+
+@dataclass(frozen=True)
+class PerStepPlusPerLayer(OverheadModel):
+    """``step_us + per_layer_us * L / TP``: a fixed scheduler cost plus the layer term."""
+
+    step_us_const: float = 0.0
+    per_layer_us: float = 100.0
+    name: ClassVar[str] = "per_step_plus_per_layer"
+    ranges: ClassVar = {"step_us_const": (0.0, 5000.0), "per_layer_us": (0.0, 500.0)}
+
+    def _per_step(self, f, L, tp):
+        return np.full(np.shape(f["n_decode"]), self.step_us_const + self.per_layer_us * L / tp)
+
+
+@dataclass(frozen=True)
+class PrefillDecodeSplit(OverheadModel):
+    """Separate per-layer constants: steps with prefill pay ``prefill_per_layer_us``, others ``decode_per_layer_us``."""
+
+    prefill_per_layer_us: float = 100.0
+    decode_per_layer_us: float = 100.0
+    name: ClassVar[str] = "prefill_decode_split"
+    ranges: ClassVar = {"prefill_per_layer_us": (0.0, 1000.0), "decode_per_layer_us": (0.0, 500.0)}
+
+    def _per_step(self, f, L, tp):
+        has_p = np.asarray(f["n_prefill"]) > 0
+        return np.where(has_p, self.prefill_per_layer_us, self.decode_per_layer_us) * L / tp
+
+
+@dataclass(frozen=True)
+class BatchLinear(OverheadModel):
+    """``(a_us + b_us * batch) * L / TP`` with ``batch`` = requests in the step."""
+
+    a_us: float = 100.0
+    b_us: float = 0.0
+    name: ClassVar[str] = "batch_linear"
+    ranges: ClassVar = {"a_us": (0.0, 500.0), "b_us": (0.0, 20.0)}
+
+    def _per_step(self, f, L, tp):
+        batch = np.asarray(f["n_prefill"]) + np.asarray(f["n_decode"])
+        return (self.a_us + self.b_us * batch) * L / tp
+
+
+OVERHEAD_MODELS: dict[str, type[OverheadModel]] = {
+    cls.name: cls for cls in (PerLayer, PerLayerTPPower, PerStepPlusPerLayer, PrefillDecodeSplit, BatchLinear)
+}
+
+
+def make_overhead(name: str, params: Mapping[str, float] | None = None) -> OverheadModel:
+    """Build an overhead model by name.
+
+    >>> make_overhead("batch_linear", {"a_us": 50, "b_us": 2}).n_params
+    2
+    """
+    if name not in OVERHEAD_MODELS:
+        raise ConfigError(f"unknown overhead model {name!r}; known: {', '.join(OVERHEAD_MODELS)}", field="overhead")
+    return OVERHEAD_MODELS[name].from_params(params or {})
