@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ def _row(line: int, cells: dict[str, str], path: Path, workloads: dict[str, Work
         out[col] = conv(col, as_float, positive=True)
     out["itl_mean_ms"] = float("nan")
     out["rate"] = round(1000.0 / out["e2e_mean_ms"], 6)
+    if not math.isfinite(out["rate"]):
+        raise DataError(f"{where}: too small to give a finite rate", file=path, field="e2e_mean_ms")
     out.update(workloads[wl].as_columns())
     out["source"] = source
     return out

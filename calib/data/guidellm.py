@@ -120,7 +120,7 @@ class GuidellmRun:
         --------
         >>> run = load_guidellm_run("../shared/data/guidellm/jan20-codellama-prefill-1")  # doctest: +SKIP
         >>> [round(t.stages[0].rate, 3) for t in run.constant_rate_benchmarks()]  # doctest: +SKIP
-        [0.802, 1.013, 1.224]
+        [0.759, 0.923, 1.086]
         """
         traces = []
         for b in self._benches:
@@ -136,10 +136,15 @@ class GuidellmRun:
                     "no request with a start time", file=self.path / "guidellm-results.json", field=f"benchmarks[{b.index}]"
                 )
             start = df["start_s"].to_numpy()
+            offsets = (start - start[0]) * 1e6
+            if not np.isfinite(offsets).all() or offsets.max() > 2**62:
+                raise DataError(
+                    "request start times out of range", file=self.path / "guidellm-results.json", field=f"benchmarks[{b.index}]"
+                )
             rate = b.rate if b.rate is not None else len(b.requests) / b.duration
             traces.append(
                 assemble_trace(
-                    arrival_us=np.round((start - start[0]) * 1e6).astype(np.int64),
+                    arrival_us=np.round(offsets).astype(np.int64),
                     input_tokens=df["prompt_tokens"].to_numpy(),
                     output_recorded=df["output_tokens"].to_numpy(),
                     ttft_ms=df["ttft_ms"].to_numpy(),
@@ -185,6 +190,8 @@ def _request(r: Any, index: int, at: str, file: Path) -> tuple[dict[str, float] 
     except DataError as exc:
         return None, Skipped(index, exc.field or at, exc.message)
     e2e = lat * 1000.0
+    if not np.isfinite(e2e):
+        return None, Skipped(index, f"{at}.request_latency", f"latency {lat:g} s is out of range")
     if e2e < ttft:
         return None, Skipped(index, f"{at}.request_latency", f"latency {e2e:g} ms is below TTFT {ttft:g} ms")
     start = dig(r, "info", "timings", "request_start")
@@ -328,6 +335,12 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
         else:
             fld = f"benchmarks[{k}].metrics.{metric}.successful.mean"
             means[attr], means_from[attr] = as_float(agg, res_file, fld, positive=True) * scale, "aggregate"
+    rate = n_successful / sync.duration
+    if not np.isfinite(rate):
+        raise DataError("too small: the rate is not finite", file=res_file, field=f"benchmarks[{k}].duration")
+    for attr, value in means.items():
+        if not np.isfinite(value):
+            raise DataError("out of range", file=res_file, field=f"benchmarks[{k}].metrics.{_METRICS[attr][0]}")
     itl = sync.requests["itl_ms"]
     return GuidellmRun(
         experiment=run.name,
@@ -338,7 +351,7 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
         max_num_seqs=_opt_int(exp, "max_num_seqs", exp_file),
         max_num_batched_tokens=_opt_int(exp, "max_num_batched_tokens", exp_file),
         max_model_len=_opt_int(exp, "max_model_len", exp_file),
-        rate=n_successful / sync.duration,
+        rate=rate,
         duration_s=sync.duration,
         itl_mean_ms=float(itl.mean()) if itl.notna().any() else float("nan"),
         means_from=means_from,

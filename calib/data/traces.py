@@ -206,7 +206,8 @@ def assemble_trace(
     if output_rule == "exclude":
         tpot = np.where(short, np.nan, tpot)
     arrivals = np.asarray(arrival_us, dtype=np.int64)
-    ends = np.cumsum([s.duration_s * 1e6 for s in stages])
+    with np.errstate(over="ignore"):
+        ends = np.cumsum([s.duration_s * 1e6 for s in stages])
     stage = np.minimum(np.searchsorted(ends, arrivals, side="right"), max(len(stages) - 1, 0))
     df = pd.DataFrame(
         {

