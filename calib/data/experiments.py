@@ -112,7 +112,8 @@ def _row(line: int, cells: dict[str, str], path: Path, workloads: dict[str, Work
     wl = cells["workload"].strip()
     if wl not in workloads:
         known = ", ".join(workloads)
-        raise DataError(f"{where}: unknown workload {wl!r}; workloads.yaml defines {known}", file=path, field="workload")
+        message = f"{where}: unknown workload {wl!r}; workloads.yaml defines {known}"
+        raise DataError(message, file=path, field="workload")
     out["workload"] = wl
     split = cells["hg1_split"].strip().lower()
     if split not in _SPLITS:

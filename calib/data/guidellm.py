@@ -131,17 +131,17 @@ class GuidellmRun:
                 Skipped(int(i), f"benchmarks[{b.index}].requests.successful[{i}]", "no request start time")
                 for i in b.requests.index.difference(df.index)
             ]
+            res_file, where = self.path / "guidellm-results.json", f"benchmarks[{b.index}]"
             if df.empty:
-                raise DataError(
-                    "no request with a start time", file=self.path / "guidellm-results.json", field=f"benchmarks[{b.index}]"
-                )
+                raise DataError("no request with a start time", file=res_file, field=where)
             start = df["start_s"].to_numpy()
-            offsets = (start - start[0]) * 1e6
+            with np.errstate(over="ignore", invalid="ignore"):
+                offsets = (start - start[0]) * 1e6
             if not np.isfinite(offsets).all() or offsets.max() > 2**62:
-                raise DataError(
-                    "request start times out of range", file=self.path / "guidellm-results.json", field=f"benchmarks[{b.index}]"
-                )
+                raise DataError("request start times out of range", file=res_file, field=where)
             rate = b.rate if b.rate is not None else len(b.requests) / b.duration
+            if not np.isfinite(rate):
+                raise DataError("too small: the rate is not finite", file=res_file, field=f"{where}.duration")
             traces.append(
                 assemble_trace(
                     arrival_us=np.round(offsets).astype(np.int64),
@@ -186,7 +186,8 @@ def _request(r: Any, index: int, at: str, file: Path) -> tuple[dict[str, float] 
         o = as_int(need(r, "output_tokens", file, at), file, f"{at}.output_tokens", minimum=1)
         ttft = as_float(need(r, "time_to_first_token_ms", file, at), file, f"{at}.time_to_first_token_ms", minimum=0)
         lat = as_float(need(r, "request_latency", file, at), file, f"{at}.request_latency", positive=True)
-        tpot = as_float(need(r, "time_per_output_token_ms", file, at), file, f"{at}.time_per_output_token_ms", minimum=0)
+        tpot_key = "time_per_output_token_ms"
+        tpot = as_float(need(r, tpot_key, file, at), file, f"{at}.{tpot_key}", minimum=0)
     except DataError as exc:
         return None, Skipped(index, exc.field or at, exc.message)
     e2e = lat * 1000.0
@@ -263,7 +264,7 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
     Parameters
     ----------
     run_dir : str or Path
-        Folder holding ``guidellm-results.json``, ``exp-config.yaml`` (model, TP)
+        Folder (or its ``guidellm-results.json``) holding ``guidellm-results.json``, ``exp-config.yaml`` (model, TP)
         and ``profile.yaml`` (workload figures; missing keys take the
         reference ``run.sh`` defaults, listed in ``profile_defaults``).
 
@@ -286,6 +287,8 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
     ('codellama-34b-instruct-hf', 1, 1.00723, 40)
     """
     run = Path(run_dir)
+    if run.name == "guidellm-results.json" and run.is_file():
+        run = run.parent
     if not run.is_dir():
         raise DataError("not a folder", file=run)
     res_file, exp_file, prof_file = run / "guidellm-results.json", run / "exp-config.yaml", run / "profile.yaml"
@@ -308,7 +311,9 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
     if "synchronous" not in strategies:
         found = ", ".join(str(s) for s in strategies) or "none"
         raise DataError(
-            f"no synchronous benchmark (strategies found: {found})", file=res_file, field="benchmarks[*].config.strategy.type_"
+            f"no synchronous benchmark (strategies found: {found})",
+            file=res_file,
+            field="benchmarks[*].config.strategy.type_",
         )
     k = strategies.index("synchronous")
     sync = _bench(benches[k], k, res_file)

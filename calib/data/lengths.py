@@ -70,9 +70,8 @@ def parse_lengths(
                 pair = sequence(pair, file, f"{field}[{i}]")
                 if len(pair) != 2:
                     raise DataError("expected [prompt_tokens, output_tokens]", file=file, field=f"{field}[{i}]")
-                clean.append(
-                    [as_int(pair[0], file, f"{field}[{i}][0]", minimum=0), as_int(pair[1], file, f"{field}[{i}][1]", minimum=1)]
-                )
+                prompt = as_int(pair[0], file, f"{field}[{i}][0]", minimum=0)
+                clean.append([prompt, as_int(pair[1], file, f"{field}[{i}][1]", minimum=1)])
             out[seed][wl] = clean
     return out
 

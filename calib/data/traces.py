@@ -17,7 +17,7 @@ median decode time is 2079 ms against 2084 ms for the others; their TPOT
 from the recorded count has median 20.9 ms (absurd) against 8.5 ms, and
 8.5 ms from the profile length.  The same holds for Llama-2-7B roleplay (32.5 %
 short, 2034 vs 2041 ms) and general (25.5 %, 3908 vs 3899 ms), for Llama-2-70B
-(1-1.5 % short) and Mixtral (2.5-3.3 %); CodeLlama-34B has none.  Hence the
+(0.7-1.5 % short) and Mixtral (2.5-3.3 %); CodeLlama-34B has none.  Hence the
 default rule is ``"profile"``:
 
 * ``"profile"`` (default): a recorded count below ``short_fraction`` (0.9) x
@@ -190,7 +190,7 @@ def assemble_trace(
     ([2.0, 4.0], [3, 3])
     """
     if output_rule not in OUTPUT_RULES:
-        raise DataError(f"unknown output rule {output_rule!r}; choose one of {', '.join(OUTPUT_RULES)}", field="output_rule")
+        _bad_rule(output_rule)
     recorded = np.asarray(output_recorded, dtype=np.int64)
     if output_len is None:
         if output_rule != "recorded":
@@ -241,6 +241,10 @@ def assemble_trace(
     )
 
 
+def _bad_rule(rule: object) -> None:
+    raise DataError(f"unknown output rule {rule!r}; choose one of {', '.join(OUTPUT_RULES)}", field="output_rule")
+
+
 def _stages(profile: Any, file: Path) -> tuple[Stage, ...]:
     load = mapping(need(mapping(profile, file, ""), "load", file), file, "load")
     stages = sequence(need(load, "stages", file, "load"), file, "load.stages")
@@ -249,8 +253,9 @@ def _stages(profile: Any, file: Path) -> tuple[Stage, ...]:
     out = []
     for i, st in enumerate(stages):
         st = mapping(st, file, f"load.stages[{i}]")
-        dur = as_float(need(st, "duration", file, f"load.stages[{i}]"), file, f"load.stages[{i}].duration", positive=True)
-        rate = as_float(need(st, "rate", file, f"load.stages[{i}]"), file, f"load.stages[{i}].rate", positive=True)
+        at = f"load.stages[{i}]"
+        dur = as_float(need(st, "duration", file, at), file, f"{at}.duration", positive=True)
+        rate = as_float(need(st, "rate", file, at), file, f"{at}.rate", positive=True)
         out.append(Stage(dur, rate))
     return tuple(out)
 
@@ -316,7 +321,7 @@ def load_trace(
     ('llama-2-7b-hf', 1, 0, 3101, 9000)
     """
     if output_rule not in OUTPUT_RULES:
-        raise DataError(f"unknown output rule {output_rule!r}; choose one of {', '.join(OUTPUT_RULES)}", field="output_rule")
+        _bad_rule(output_rule)
     run = Path(run_dir)
     if not run.is_dir():
         raise DataError("not a folder", file=run)
@@ -348,7 +353,8 @@ def load_trace(
     stages = _stages(prof, prof_file)
     raw_len = dig(prof, "data", "shared_prefix", "output_len")
     if raw_len is None and output_rule != "recorded":
-        raise DataError(f"missing key (output rule {output_rule!r} needs it)", file=prof_file, field="data.shared_prefix.output_len")
+        message = f"missing key (output rule {output_rule!r} needs it)"
+        raise DataError(message, file=prof_file, field="data.shared_prefix.output_len")
     output_len = None if raw_len is None else as_int(raw_len, prof_file, "data.shared_prefix.output_len", minimum=1)
 
     reqs = sequence(need(doc, "requests", req_file), req_file, "requests")
@@ -356,7 +362,8 @@ def load_trace(
         raise DataError("no request", file=req_file, field="requests")
     gts = sequence(read_json(gt_file), gt_file, "")
     if len(gts) != len(reqs):
-        raise DataError(f"{len(gts)} entries, requests.json has {len(reqs)} requests", file=gt_file, field="<top level>")
+        message = f"{len(gts)} entries, requests.json has {len(reqs)} requests"
+        raise DataError(message, file=gt_file, field="<top level>")
 
     n = len(reqs)
     index = np.empty(n, dtype=np.int64)
@@ -378,7 +385,8 @@ def load_trace(
         seen.add(int(index[i]))
         gi = as_int(need(g, "index", gt_file, f"[{i}]"), gt_file, f"[{i}].index")
         if gi != index[i]:
-            raise DataError(f"entry {i} has index {gi}, requests.json entry {i} has {index[i]}", file=gt_file, field=f"[{i}].index")
+            message = f"entry {i} has index {gi}, requests.json entry {i} has {index[i]}"
+            raise DataError(message, file=gt_file, field=f"[{i}].index")
         arrival[i] = as_int(need(r, "arrival_time_us", req_file, at), req_file, f"{at}.arrival_time_us", minimum=0)
         if prev is not None and arrival[i] < prev:
             raise DataError(

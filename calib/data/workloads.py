@@ -29,7 +29,15 @@ from typing import Any
 from calib.data._io import as_float, as_int, mapping, read_yaml
 from calib.errors import DataError
 
-__all__ = ["EMBEDDED_HG1", "Workload", "WORKLOAD_COLUMNS", "RUN_SH_DEFAULTS", "load_workloads", "parse_flat_workload", "workloads_yaml"]
+__all__ = [
+    "EMBEDDED_HG1",
+    "Workload",
+    "WORKLOAD_COLUMNS",
+    "RUN_SH_DEFAULTS",
+    "load_workloads",
+    "parse_flat_workload",
+    "workloads_yaml",
+]
 
 #: The embedded HG1 dataset folder written by ``calib import-hg1``.
 EMBEDDED_HG1 = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "hg1"
@@ -253,7 +261,8 @@ def load_workloads(path: str | Path | None = None) -> dict[str, Workload]:
     out: dict[str, Workload] = {}
     for name, body in entries.items():
         if not isinstance(name, str) or not name.strip():
-            raise DataError(f"workload name must be a non-empty string, got {name!r}"[:80], file=file, field="workloads")
+            message = f"workload name must be a non-empty string, got {name!r}"[:80]
+            raise DataError(message, file=file, field="workloads")
         prefix = f"workloads.{name}" if calib_layout else name
         if calib_layout:
             out[name] = _parse_calib_workload(name, body, file, prefix)

@@ -30,7 +30,12 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+odd_cells = st.sampled_from(["", "0", "-1", "nan", "inf", "1e999", "x", '"', "2.5", "train"]) | st.text(max_size=6)
 
 
 def _paths(doc, prefix=()):
@@ -92,7 +97,7 @@ def test_fuzz_experiments_csv_and_workloads(data):
         if target == "cell":
             for _ in range(data.draw(st.integers(1, 3))):
                 i, j = data.draw(st.integers(0, len(rows) - 1)), data.draw(st.integers(0, 8))
-                rows[i][j] = data.draw(st.sampled_from(["", "0", "-1", "nan", "inf", "1e999", "x", '"', "2.5", "train"]) | st.text(max_size=6))
+                rows[i][j] = data.draw(odd_cells)
             (folder / "experiments.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
         elif target == "line":
             i = data.draw(st.integers(0, len(lines) - 1))
@@ -158,7 +163,8 @@ def test_fuzz_guidellm_run(data, builders):
 def test_fuzz_trace(data, builders):
     with tempfile.TemporaryDirectory() as tmp:
         docs = builders.trace_docs(n=4)
-        name = data.draw(st.sampled_from(["requests.json", "requests.json", "ground_truth.json", "profile.yaml", "exp-config.yaml"]))
+        names = ["requests.json", "requests.json", "ground_truth.json", "profile.yaml", "exp-config.yaml"]
+        name = data.draw(st.sampled_from(names))
         raw = data.draw(st.integers(0, 9)) == 0
         if not raw:
             docs[name] = mutate(docs[name], data)

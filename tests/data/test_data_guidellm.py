@@ -44,6 +44,7 @@ def test_real_runs(shared, name):
         assert [t.excluded for t in traces] == [0, 0, 2] and len(traces[2].requests) == 38
     row = load_experiments(shared / "guidellm" / name)
     assert len(row) == 1 and row.iloc[0].rate == pytest.approx(rate) and row.iloc[0].family == "codellama-34b"
+    assert load_guidellm_run(row.iloc[0].source).experiment == name  # the source column loads back
 
 
 def test_synthetic_run(tmp_path, builders):
