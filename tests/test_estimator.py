@@ -174,3 +174,18 @@ def test_physics_defaults_are_v23():
         "nearest", False, "max_context", "weighted")
     with pytest.raises(ConfigError, match="mfu_floor"):
         RooflineRegressor(mfu_floor=1.0).physics_options()
+
+
+def test_guidellm_run_with_actual_requests(shared_data):
+    run = shared_data / "guidellm" / "jan20-prefill-llama7b-tp1-1"
+    X = load_experiments(run)
+    assert len(X) == 1 and X.iloc[0]["model"] == "codellama-34b-instruct-hf"
+    est = RooflineRegressor(per_layer_overhead_us=80, lengths="run", mode="corrected").fit(X, X.tpot_mean_ms)
+    out = est.predict_all(X)
+    assert 0 < out["ttft"].iloc[0] < out["e2e"].iloc[0]
+    # the replay used the run's own request count
+    from calib.data import load_guidellm_run
+
+    n = len(load_guidellm_run(run).requests)
+    row = X.iloc[0]
+    assert est.replay(row).requests.n == n

@@ -50,6 +50,13 @@ class StepModel:
             raise ConfigError(f"must be an integer >= 1, got {tp!r}", field="tp")
         return cls(m, hw, db, int(tp), options)
 
+    @cached_property
+    def fast(self):
+        """:class:`calib.physics.fast.FastSteps` of this step model: cached step-at-a-time evaluation for replays."""
+        from calib.physics.fast import FastSteps
+
+        return FastSteps(self)
+
     def per_layer_overhead(self, per_layer_us: float) -> float:
         """``per_layer_us * L / TP`` (the reference overhead rule)."""
         return per_layer_us * self.model.num_layers / self.tp
