@@ -13,7 +13,7 @@ import sys
 
 from calib.errors import CalibError
 
-_COMMANDS = ("step", "hg1", "study", "import_mfu", "import_experiments")
+_COMMANDS = ("step", "hg1", "study", "reports", "import_mfu", "import_experiments")
 
 
 def build_parser() -> argparse.ArgumentParser:

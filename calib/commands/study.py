@@ -1,11 +1,30 @@
-"""``calib study run STUDY --out DIR [--storage URL]``."""
+"""``calib study run STUDY --out DIR [--storage URL] [--workers N]`` and ``calib study worker STUDY``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 __all__ = ["register"]
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _heartbeat_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-interval", type=_seconds, metavar="S",
+                   help="seconds between the heartbeats of a running trial (default 5)")
+    p.add_argument("--grace-period", type=_seconds, metavar="S",
+                   help="seconds without heartbeat after which a trial's worker counts as dead and the trial is "
+                        "re-run (default 20)")
 
 
 def register(subparsers) -> None:
@@ -14,25 +33,58 @@ def register(subparsers) -> None:
     r = sub.add_parser("run", help="run (or resume) a study and write results.json, REPORT.md and plots")
     r.add_argument("study", help="study file, e.g. studies/hg1.yaml")
     r.add_argument("--out", help="output folder (default reports/<study name>)")
-    r.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the output folder)")
+    r.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the output folder, or the "
+                                     "journal file optuna.journal there with --workers > 1)")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _heartbeat_options(r)
     r.set_defaults(func=run)
+
+    w = sub.add_parser("worker", help="join a study in a shared storage and evaluate trials until it is done",
+                       description="Join the study of STUDY in the storage at URL (any machine that reaches the "
+                                   "storage can join) and evaluate trials until the study is complete.  Writes "
+                                   "nothing but trials; the lead (calib study run) writes the report.")
+    w.add_argument("study", help="study file (the same file as the lead's)")
+    w.add_argument("--storage", help="Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db (default: "
+                                     "the CALIB_STORAGE environment variable, which keeps a password out of ps)")
+    w.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _heartbeat_options(w)
+    w.set_defaults(func=worker)
 
 
 def run(args: argparse.Namespace) -> int:
     from calib.errors import CalibError
     from calib.studies.runner import run_study
     from calib.studies.spec import load_study_file
+    from calib.studies.workers import stop_on_sigterm
 
     if args.workers < 1:
         raise CalibError(f"must be >= 1, got {args.workers}", field="--workers")
     spec = load_study_file(args.study)
     out = Path(args.out) if args.out else Path("reports") / spec.name
+    stop_on_sigterm(KeyboardInterrupt)  # `kill PID` stops like Ctrl-C: the running trial is closed, a rerun resumes
     results = run_study(args.study, out, storage=args.storage, progress=not args.no_progress,
-                        workers=args.workers)
+                        workers=args.workers, heartbeat_interval=args.heartbeat_interval,
+                        grace_period=args.grace_period)
     print(summary(results))
     print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from calib.studies.runner import run_worker
+    from calib.studies.storage import mask_url
+    from calib.studies.workers import STORAGE_ENV, WorkerStopped, stop_on_sigterm
+
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    stop_on_sigterm(WorkerStopped)
+    try:
+        done = run_worker(args.study, url, progress=not args.no_progress,
+                          heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
+    except WorkerStopped:
+        return 0
+    print(f"worker {done['worker']}: study {done['study']} complete in {mask_url(url)}; "
+          f"{done['evaluated']} trial(s) evaluated here")
     return 0
 
 

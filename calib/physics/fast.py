@@ -30,6 +30,7 @@ Variants this module does not cover (v3) fall back to ``StepModel.parts``.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 
@@ -39,6 +40,13 @@ from calib.physics.roofline import CAUSAL_DIVISOR, _gemm_time, _scaled
 __all__ = ["FastSteps", "round_half_away_scalar"]
 
 _BUCKETS = tuple(512 << i for i in range(8))  # 512 .. 65536
+#: The PhysicsOptions fields this module implements; a step model with other fields falls back to
+#: ``StepModel.parts`` rather than silently ignoring a new switch.
+_KNOWN_OPTIONS = frozenset({
+    "variant", "mfu_rule", "gemm_weight_floor", "decode_attention", "prefill_attention", "mixed_rule",
+    "min_step_us", "tp_fallback", "bw_efficiency", "gemm_mfu_scale", "prefill_attention_mfu_scale",
+    "decode_attention_mfu_scale", "mfu_floor", "mfu_prefill", "mfu_decode",
+})
 #: Queries per decode-MFU fill call (one call has a fixed cost of a few ms; ~0.5 µs per query on top).
 _TILE = 16384
 _KV_HINT_CAP = 1 << 17
@@ -73,7 +81,8 @@ class FastSteps:
     ----------
     scalar : bool
         The v2 formulas are evaluated here; otherwise every call falls back to
-        ``step_model.parts`` (v3).
+        ``step_model.parts`` (v3, unknown option fields, or a step model
+        class that overrides ``parts``).
     aggregate : bool
         A decode-only step depends only on ``(q, max PI, sum PI)`` (the
         ``max_context`` decode-attention rule).
@@ -92,7 +101,8 @@ class FastSteps:
         self.step_model = step_model
         opts = step_model.options
         self.options = opts
-        self.scalar = opts.variant in ("v2.3", "v2.4")
+        known = {f.name for f in fields(opts)} <= _KNOWN_OPTIONS
+        self.scalar = known and opts.variant in ("v2.3", "v2.4") and type(step_model).parts is _PLAIN_PARTS
         self.aggregate = self.scalar and opts.decode_attention == "max_context"
         if not self.scalar:
             return
@@ -112,6 +122,8 @@ class FastSteps:
         self._gemm = np.zeros(1)  # G(M) seconds for M in [0, len); G(0) = 0
         self._gemm_list = [0.0]
         self._rows: dict[int, np.ndarray] = {}  # q -> scaled decode MFU for kv in [0, len)
+        self._comp: dict[int, np.ndarray] = {}  # q -> decode compute seconds G(q) + attention(q, kv) (max_context)
+        self._solo: np.ndarray | None = None  # hardware µs of a batch-1 decode step at PI = index
         self._pmfu: dict[int, float] | None = None
         self._q_hint = 1
         self._kv_hint = 1024
@@ -150,10 +162,19 @@ class FastSteps:
         """Scaled decode-attention MFU at batch size ``q`` for kv in ``[0, len)``, ``len > kv_max``."""
         row = self._rows.get(q)
         if row is None or kv_max >= len(row):
-            row = self._grow_rows(q, kv_max)
+            self._grow_rows(q, kv_max)
+            row = self._rows[q]
         return row
 
-    def _grow_rows(self, q: int, kv_max: int) -> np.ndarray:
+    def decode_compute_row(self, q: int, kv_max: int) -> np.ndarray:
+        """Decode compute seconds ``G(q) + attention`` at max PI = index (``max_context``), ``len > kv_max``."""
+        row = self._comp.get(q)
+        if row is None or kv_max >= len(row):
+            self._grow_rows(q, kv_max)
+            row = self._comp[q]
+        return row
+
+    def _grow_rows(self, q: int, kv_max: int) -> None:
         size = -(-max(kv_max + 1, self._kv_hint) // 1024) * 1024
         per_call = max(1, _TILE // size)
         qs = [q] + [q2 for q2 in range(q + 1, min(q + per_call, self._q_hint + 1))
@@ -167,10 +188,22 @@ class FastSteps:
         pos = 0
         for q2, a in zip(qs, starts):
             part = m[pos : pos + size - a]
+            M = kv[pos : pos + size - a]
             pos += size - a
-            old = self._rows.get(q2)
-            self._rows[q2] = part.copy() if old is None else np.concatenate([old, part])
-        return self._rows[q]
+            # same operations, in the same order, as hardware_time's max_context decode attention
+            comp = self.gemm_s(q2) + self.c4 * q2 * M * self.L / (self.flops * part) * self.s
+            for store, new in ((self._rows, part), (self._comp, comp)):
+                old = store.get(q2)
+                store[q2] = new.copy() if old is None else np.concatenate([old, new])
+
+    def solo_decode_row(self, kv_max: int) -> np.ndarray:
+        """Hardware µs of a batch-1 decode step at PI = index (``max_context``), ``len > kv_max``."""
+        if self._solo is None or kv_max >= len(self._solo):
+            comp = self.decode_compute_row(1, kv_max)
+            S = np.arange(len(comp), dtype=np.float64)
+            dyn = (self.k_tok * 1 + (self.k_tok * S) * 0.8) + self.act1 * 1
+            self._solo = np.maximum(comp, (self.ws + dyn * self.s) / self.bw) * 1e6
+        return self._solo
 
     def prefill_mfu(self, bucket: int) -> float:
         """Scaled prefill-attention MFU of a bucket."""
@@ -185,11 +218,10 @@ class FastSteps:
 
     def decode_hw_us(self, q: int, max_pi: int, sum_pi: int) -> float:
         """Hardware µs of one pure-decode step of ``q`` requests (``max_context`` rule)."""
-        row = self._rows.get(q)
+        row = self._comp.get(q)
         if row is None or max_pi >= len(row):
-            row = self._grow_rows(q, max_pi)
-        attn = self.c4 * q * max_pi * self.L / (self.flops * float(row[max_pi])) * self.s
-        comp = self.gemm_s(q) + attn
+            row = self.decode_compute_row(q, max_pi)
+        comp = float(row[max_pi])
         dyn = (self.k_tok * q + (self.k_tok * sum_pi) * 0.8) + self.act1 * q
         mem = (self.ws + dyn * self.s) / self.bw
         return (comp if comp >= mem else mem) * 1e6
@@ -200,11 +232,8 @@ class FastSteps:
         Step ``j`` has max PI ``max_pi + j`` and sum PI ``sum_pi + q j``.  Equal to
         :meth:`decode_hw_us` step by step.
         """
-        row = self.decode_mfu_row(q, max_pi + k - 1)
-        M = np.arange(max_pi, max_pi + k, dtype=np.float64)
-        attn = self.c4 * q * M * self.L / (self.flops * row[max_pi : max_pi + k]) * self.s
-        comp = self.gemm_s(q) + attn
-        S = sum_pi + q * np.arange(k, dtype=np.float64)
+        comp = self.decode_compute_row(q, max_pi + k - 1)[max_pi : max_pi + k]
+        S = np.arange(sum_pi, sum_pi + q * k, q, dtype=np.float64)
         dyn = (self.k_tok * q + (self.k_tok * S) * 0.8) + self.act1 * q
         mem = (self.ws + dyn * self.s) / self.bw
         return np.maximum(comp, mem) * 1e6
@@ -267,8 +296,12 @@ class FastSteps:
         d_time = d_attn = d_dyn = 0.0
         if q:
             if self.aggregate:
-                row = self.decode_mfu_row(q, max_pi)
-                d_attn = self.c4 * q * max_pi * L / (flops * float(row[max_pi])) * s
+                row = self._comp.get(q)
+                if row is None or max_pi >= len(row):
+                    row = self.decode_compute_row(q, max_pi)
+                d_comp = float(row[max_pi])
+                if o.mixed_rule == "additive":
+                    d_attn = self.c4 * q * max_pi * L / (flops * float(self._rows[q][max_pi])) * s
                 d_dyn = (k_tok * q + (k_tok * sum_pi) * 0.8) + self.act1 * q
             else:
                 row = self.decode_mfu_row(q, max_pi)
@@ -279,35 +312,48 @@ class FastSteps:
                     fm_sum += f * float(row[pi])
                     d_dyn += (k_tok * 1.0 + (k_tok * pi) * 0.8) + self.act1
                 d_attn = f_sum * f_sum / (flops * fm_sum) * s if fm_sum > 0 else 0.0
-            d_comp = self.gemm_s(q) + d_attn
+                d_comp = self.gemm_s(q) + d_attn
             d_mem = (self.ws + d_dyn * s) / bw
             d_time = d_comp if d_comp >= d_mem else d_mem
         if not len(p_n):
             return d_time * 1e6
-        # prefill: group by bucket (ascending), tokens and "actual" FLOPs summed in entry order
-        groups: dict[int, list[float]] = {}
-        p_dyn = 0.0
-        p_tok = 0
-        for pi, n in zip(p_pi, p_n):
+        bucket_rule = o.prefill_attention == "bucket"
+        if len(p_n) == 1:  # the common case, without grouping (0.0 + x == x)
+            pi, n = p_pi[0], p_n[0]
+            p_tok = n
             b = _bucket(pi + n)
-            g = groups.get(b)
-            if g is None:
-                g = groups[b] = [0.0, 0.0]
-            g[0] += float(n)
-            if o.prefill_attention != "bucket":
-                g[1] += self.c4 * n * float(pi + n) * L
             if n == 1:
-                p_dyn += (k_tok * 1.0 + (k_tok * pi) * 0.8) + (self.ldb * 1.0) * 0.75
+                p_dyn = (k_tok * 1.0 + (k_tok * pi) * 0.8) + (self.ldb * 1.0) * 0.75
             else:
-                p_dyn += (k_tok * n + (k_tok * pi) * 0.92) + (self.ldb * float(n)) * 0.85
-            p_tok += n
-        p_comp = p_attn = 0.0
-        for b in sorted(groups):
-            tokens, actual = groups[b]
-            g_flops = self.c4 * tokens * float(b) * L if o.prefill_attention == "bucket" else actual
-            g_attn = g_flops / CAUSAL_DIVISOR / (flops * self.prefill_mfu(b)) * s
-            p_comp += self.gemm_s(int(tokens)) + g_attn
-            p_attn += g_attn
+                p_dyn = (k_tok * n + (k_tok * pi) * 0.92) + (self.ldb * float(n)) * 0.85
+            g_flops = self.c4 * float(n) * float(b) * L if bucket_rule else self.c4 * n * float(pi + n) * L
+            p_attn = g_flops / CAUSAL_DIVISOR / (flops * self.prefill_mfu(b)) * s
+            p_comp = self.gemm_s(n) + p_attn
+        else:
+            # group by bucket (ascending); tokens and "actual" FLOPs summed in entry order
+            groups: dict[int, list[float]] = {}
+            p_dyn = 0.0
+            p_tok = 0
+            for pi, n in zip(p_pi, p_n):
+                b = _bucket(pi + n)
+                g = groups.get(b)
+                if g is None:
+                    g = groups[b] = [0.0, 0.0]
+                g[0] += float(n)
+                if not bucket_rule:
+                    g[1] += self.c4 * n * float(pi + n) * L
+                if n == 1:
+                    p_dyn += (k_tok * 1.0 + (k_tok * pi) * 0.8) + (self.ldb * 1.0) * 0.75
+                else:
+                    p_dyn += (k_tok * n + (k_tok * pi) * 0.92) + (self.ldb * float(n)) * 0.85
+                p_tok += n
+            p_comp = p_attn = 0.0
+            for b in sorted(groups):
+                tokens, actual = groups[b]
+                g_flops = self.c4 * tokens * float(b) * L if bucket_rule else actual
+                g_attn = g_flops / CAUSAL_DIVISOR / (flops * self.prefill_mfu(b)) * s
+                p_comp += self.gemm_s(int(tokens)) + g_attn
+                p_attn += g_attn
         p_mem = (self.ws + p_dyn * s) / bw
         p_time = p_comp if p_comp >= p_mem else p_mem
         if not q:
@@ -328,3 +374,12 @@ class FastSteps:
             mem = (self.ws + (p_dyn + d_dyn) * s) / bw
             hw = comp if comp >= mem else mem
         return hw * 1e6
+
+
+def _plain_parts():
+    from calib.physics.step_model import StepModel
+
+    return StepModel.parts
+
+
+_PLAIN_PARTS = _plain_parts()

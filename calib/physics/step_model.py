@@ -57,6 +57,11 @@ class StepModel:
 
         return FastSteps(self)
 
+    def __getstate__(self):  # pickles and copies leave out the (rebuildable) caches of ``fast``
+        state = dict(self.__dict__)
+        state.pop("fast", None)
+        return state
+
     def per_layer_overhead(self, per_layer_us: float) -> float:
         """``per_layer_us * L / TP`` (the reference overhead rule)."""
         return per_layer_us * self.model.num_layers / self.tp

@@ -7,7 +7,11 @@ the hardware time of all those solo steps once (:class:`SyncReplay` caches
 them) and an overhead value then costs a few array operations.  Where a
 predicted request runs past the next arrival, the overlapping stretch (a busy
 period) is replayed by the continuous-batching engine, which produces the
-batch-2 decode and mixed steps the reference saw.
+batch-2 decode and mixed steps the reference saw.  The engine's step times come
+from ``step_model.fast`` (cached per step model, so shared by every overhead
+value), and a busy period costs a few operations per event (arrival,
+completion), not per step.  The result is identical to replaying every request
+through :func:`calib.replay.engine.run_engine`.
 """
 
 from __future__ import annotations
@@ -158,6 +162,17 @@ class SyncReplay:
         np.maximum.at(last, self._step_req, np.arange(n_p + n_d))
         self._last_step = last
         self.n_solo_steps = n_p + n_d
+        need = -(-(req.input_tokens + np.maximum(out, 1) - 1) // block)
+        self._never_fits = bool((need > cfg.kv_blocks).any())
+        # step features the overlapping stretches are likely to need: a prefill chunk joined by a few
+        # decodes, and small pure-decode batches (their overheads are then computed in one call per run)
+        chunks = np.unique(np.asarray(p_n, np.int64))
+        few = np.arange(4)
+        self._prime = (
+            np.r_[np.ones(len(chunks) * len(few), np.int64), np.zeros(16, np.int64)],
+            np.r_[np.repeat(chunks, len(few)), np.zeros(16, np.int64)],
+            np.r_[np.tile(few, len(chunks)), np.arange(1, 17)],
+        )
 
     def run(self, overhead: OverheadModel) -> RequestTimes:
         """Replay with ``overhead``; reuses the cached solo-step hardware times."""
@@ -170,15 +185,18 @@ class SyncReplay:
         phantom = np.where(req.output_tokens > 1, durs[self._last_step], 0.0) if cfg.phantom_last_step else 0.0
         e2e = total + phantom
         overlap = end[:-1] > req.arrival_us[1:]
-        if not overlap.any():
+        if self._never_fits:  # a request the KV cache rejects: let the engine handle everything
+            overlap[:] = True
+        elif not overlap.any():
             return RequestTimes(ttft, e2e, req.output_tokens)
         # replay the busy periods that overlap through the engine; between them requests stay independent
+        timer.prime(*self._prime)
         ttft, e2e = ttft.copy(), e2e.copy()
         n_overlapped = 0
         grouped = req.prefix_tokens > 0 and cfg.prefix_cache
         group = np.full(req.n, 0 if grouped else -1, np.int64)
         prefix = np.full(req.n, req.prefix_tokens, np.int64)
-        i = int(np.argmax(overlap))
+        i = 0 if self._never_fits else int(np.argmax(overlap))
         warm = {0} if grouped and i > 0 else set()
         while True:
             res, j = run_engine(timer, req.arrival_us, req.input_tokens, req.output_tokens, cfg,

@@ -13,6 +13,7 @@ as ``hf_head_dim``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -141,7 +142,7 @@ class ModelSpec:
                 if default is None:
                     raise ConfigError("required key is missing", file=source, field=key)
                 value = default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) == float("inf") or value != value or value != int(value):
                 raise ConfigError(f"must be an integer, got {value!r}", file=source, field=key)
             value = int(value)
             if value < minimum:

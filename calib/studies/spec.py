@@ -131,6 +131,6 @@ def load_study_file(path: str | Path) -> StudyBase:
         raise StudyError(f"cannot read study file ({exc.strerror})", file=path) from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudyError(f"invalid YAML: {str(exc).splitlines()[0]}", file=path) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise StudyError(f"invalid YAML: {(str(exc) or type(exc).__name__).splitlines()[0]}", file=path) from None
     return parse_study(data, path)

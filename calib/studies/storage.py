@@ -1,36 +1,298 @@
-"""Optuna storage: where a study's trials live, and how URLs are shown."""
+"""Optuna storage: where a study's trials live, how URLs are shown, and worker liveness.
+
+Three kinds of storage URL are understood:
+
+* ``sqlite:///PATH`` (the default for a serial run: ``optuna.db`` in the output
+  folder), or any other SQLAlchemy URL such as
+  ``postgresql+psycopg2://user:password@host:5432/db`` (the cluster set-up,
+  see ``docs/scaling.md``).  These are Optuna ``RDBStorage`` objects.
+* ``journal:PATH``: Optuna's journal file (the default when several worker
+  processes share one machine: ``optuna.journal`` in the output folder).
+
+Every storage opened here has a heartbeat: a worker records one every
+``heartbeat_interval`` seconds while it evaluates a trial, and a ``RUNNING``
+trial whose last heartbeat is older than ``grace_period`` seconds belongs to a
+dead worker.  :func:`optuna.storages.fail_stale_trials` (called by the search
+loops of :mod:`calib.studies.search`) marks such a trial ``FAIL`` and Optuna's
+:class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` queues a copy of it,
+so the trial is re-run by a live worker.  ``RDBStorage`` implements the
+heartbeat itself; for the journal file, :class:`HeartbeatJournalStorage` adds
+it (heartbeats are trial system attributes, times are wall-clock seconds of
+the machine).
+"""
 
 from __future__ import annotations
 
 import re
+import time
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
+from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import TrialState
 
-__all__ = ["default_storage_url", "open_storage", "mask_url"]
+from calib.errors import StudyError
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_GRACE_PERIOD",
+    "JOURNAL_FILE",
+    "SQLITE_FILE",
+    "HeartbeatJournalStorage",
+    "check_shareable",
+    "default_storage_url",
+    "describe_storage",
+    "open_storage",
+    "mask_url",
+]
+
+#: Seconds between two heartbeats of a worker evaluating a trial.
+DEFAULT_HEARTBEAT_INTERVAL = 5
+#: Seconds without a heartbeat after which a ``RUNNING`` trial is stale (its worker is dead).
+DEFAULT_GRACE_PERIOD = 20
+#: How many times a stale trial is queued again before the search loop takes over.
+STALE_RETRIES = 3
+#: File names of the default storages in a study's output folder.
+JOURNAL_FILE = "optuna.journal"
+SQLITE_FILE = "optuna.db"
+
+_HEARTBEAT_KEY = "calib:heartbeat"
 
 
-def default_storage_url(out_dir: str | Path) -> str:
-    """SQLite file ``optuna.db`` in the study's output folder."""
-    return f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
+def default_storage_url(out_dir: str | Path, workers: int = 1) -> str:
+    """The storage of a study run into ``out_dir`` when no URL is given.
+
+    ``optuna.db`` (SQLite) for a serial run, ``optuna.journal`` (journal file)
+    when several worker processes share the study.  An existing journal file
+    wins, so a serial rerun of a parallel study resumes from it.  (A parallel
+    rerun of a study run serially starts a journal file: SQLite cannot be
+    shared, see :func:`check_shareable`.)
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The study's output folder.
+    workers : int
+        Number of worker processes on this machine.
+
+    Examples
+    --------
+    >>> default_storage_url("/tmp/new-study").startswith("sqlite:///")
+    True
+    >>> default_storage_url("/tmp/new-study", workers=2).startswith("journal:")
+    True
+    """
+    out = Path(out_dir).resolve()
+    journal, db = out / JOURNAL_FILE, out / SQLITE_FILE
+    if journal.exists() or workers > 1:
+        return f"journal:{journal}"
+    return f"sqlite:///{db}"
+
+
+def check_shareable(url: str) -> None:
+    """Raise unless several processes can share ``url`` safely.
+
+    SQLite cannot: it has no row locks, so two processes can pop the same
+    queued trial.  Journal files (one machine or a shared file system) and
+    database servers (PostgreSQL, MySQL) can.
+
+    Raises
+    ------
+    StudyError
+        For a SQLite URL.
+    """
+    if url.startswith("sqlite"):
+        raise StudyError(f"{mask_url(url)} is SQLite, which several worker processes cannot share safely (a "
+                         "queued trial can be handed to two of them); use a journal file (journal:PATH, the "
+                         "default with --workers) or a PostgreSQL URL", field="storage")
+
+
+def describe_storage(url: str | None, out_dir: str | Path | None = None) -> str:
+    """How a storage is recorded in results: the defaults by name, any other URL masked.
+
+    Examples
+    --------
+    >>> describe_storage("sqlite:////x/optuna.db", "/x")
+    'sqlite: optuna.db in the output folder'
+    >>> describe_storage("postgresql://calib:pw@db/studies")
+    'postgresql://calib:***@db/studies'
+    """
+    if url is None:
+        return "sqlite: optuna.db in the output folder"
+    if out_dir is not None:
+        out = Path(out_dir).resolve()
+        if url == f"sqlite:///{out / SQLITE_FILE}":
+            return "sqlite: optuna.db in the output folder"
+        if url == f"journal:{out / JOURNAL_FILE}":
+            return "journal: optuna.journal in the output folder"
+    return mask_url(url)
 
 
 def mask_url(url: str | None) -> str | None:
-    """Hide a password in a storage URL.
+    """Hide a password in a storage URL (user-info part and ``password=`` query parameters).
 
+    Everything between the user name and the last ``@`` is hidden, so a
+    password holding ``@`` or ``/`` does not leak either.
+
+    Examples
+    --------
     >>> mask_url("postgresql://calib:s3cret@db:5432/studies")
     'postgresql://calib:***@db:5432/studies'
+    >>> mask_url("postgresql+psycopg2://u:p@ss/w@127.0.0.1/db")
+    'postgresql+psycopg2://u:***@127.0.0.1/db'
+    >>> mask_url("postgresql://db/studies?user=u&password=x")
+    'postgresql://db/studies?user=u&password=***'
+    >>> mask_url("sqlite:///tmp/optuna.db")
+    'sqlite:///tmp/optuna.db'
     """
     if url is None:
         return None
-    return re.sub(r"(//[^:/@]+:)[^@]*(@)", r"\1***\2", url)
+    text = str(url)
+    text = re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", text)
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^/?#@:]*:)(.*)@", r"\1***@", text, count=1)
 
 
-def open_storage(url: str):
-    """An Optuna storage for ``url``: RDB (sqlite/postgresql/...) or ``journal:PATH`` (journal file)."""
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+def _secrets(url: str) -> list[str]:
+    """The literal secrets of ``url`` (to scrub them from error messages)."""
+    out = []
+    m = re.match(r"^[A-Za-z][\w+.-]*://[^/?#@:]*:(.*)@", url)
+    if m and m.group(1):
+        out.append(m.group(1))
+    out += [v for v in re.findall(r"(?i)[?&](?:password|passwd|pwd)=([^&#]*)", url) if v]
+    return sorted(out, key=len, reverse=True)
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+
+def scrub(text: str, url: str | None) -> str:
+    """``text`` with the URL masked and any secret of ``url`` replaced by ``***``."""
+    if not url:
+        return text
+    text = text.replace(url, mask_url(url))
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeat that ``RDBStorage`` has.
+
+    A heartbeat is the trial system attribute ``calib:heartbeat`` (Unix time).
+    A ``RUNNING`` trial is stale when the later of its last heartbeat and its
+    start is more than ``grace_period`` seconds old.  Workers sharing a journal
+    file on a network file system need synchronised clocks.
+
+    Parameters
+    ----------
+    backend : optuna.storages.journal.BaseJournalBackend
+        Usually a :class:`~optuna.storages.journal.JournalFileBackend`.
+    heartbeat_interval, grace_period : int
+        Seconds.
+    stale_trial_callback : callable, optional
+        Called with ``(study, frozen_trial)`` for each trial failed as stale.
+    """
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int,
+                 stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None):
+        super().__init__(backend)
+        self._heartbeat_interval = int(heartbeat_interval)
+        self._grace_period = int(grace_period)
+        self._stale_trial_callback = stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, _HEARTBEAT_KEY, time.time())
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            pass  # finished meanwhile (or failed as stale by another worker): nothing to keep alive
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            last = float(t.system_attrs.get(_HEARTBEAT_KEY, 0.0) or 0.0)
+            if t.datetime_start is not None:
+                last = max(last, t.datetime_start.timestamp())
+            if now - last > self._grace_period:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self._stale_trial_callback
+
+    def get_failed_trial_callback(self):  # the pre-4.9 name, kept for older Optuna code paths
+        return self._stale_trial_callback
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise StudyError(f"must be a whole number of seconds >= 1, got {value!r}", field=name)
+    return int(value)
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None):
+    """An Optuna storage for ``url``, with heartbeat and stale-trial retry.
+
+    Parameters
+    ----------
+    url : str
+        ``journal:PATH``, ``sqlite:///PATH`` or any SQLAlchemy URL
+        (``postgresql+psycopg2://user:password@host:port/db``).
+    heartbeat_interval : int, optional
+        Seconds between heartbeats (default :data:`DEFAULT_HEARTBEAT_INTERVAL`).
+    grace_period : int, optional
+        Seconds without heartbeat before a running trial is stale (default
+        :data:`DEFAULT_GRACE_PERIOD`; at least ``2 * heartbeat_interval``
+        is sensible).
+
+    Raises
+    ------
+    StudyError
+        The storage cannot be opened; the message shows the URL with its
+        password masked and never the password itself.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise StudyError("empty storage URL", field="storage")
+    interval = _positive_int(DEFAULT_HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval,
+                             "heartbeat_interval")
+    grace = _positive_int(max(DEFAULT_GRACE_PERIOD, 2 * interval) if grace_period is None else grace_period,
+                          "grace_period")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+            path = Path(url.removeprefix("journal:")).expanduser()
+            if not path.parent.is_dir():
+                raise StudyError("folder of the journal file does not exist", file=path, field="storage")
+            try:
+                # A writer killed while holding the file lock releases it after 10 s.
+                backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=10))
+                return HeartbeatJournalStorage(backend, interval, grace, retry)
+            except (OSError, ValueError) as exc:
+                raise StudyError(f"cannot open journal file ({exc})", file=path, field="storage") from None
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 60}  # several local processes may wait for the write lock
+        elif "://" in url:
+            kwargs["pool_pre_ping"] = True  # a database server restart does not break a long study
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,
+                                                  grace_period=grace, heartbeat_stale_trial_callback=retry)
+            except ImportError as exc:
+                raise StudyError(f"cannot open storage {mask_url(url)}: missing database driver "
+                                 f"({scrub(str(exc), url)})", field="storage") from None
+            except Exception as exc:  # SQLAlchemy ArgumentError/OperationalError/IntegrityError, ValueError, ...
+                from sqlalchemy.exc import ArgumentError
+
+                if attempt < 2 and not isinstance(exc, (ArgumentError, ValueError)):
+                    time.sleep(0.5 * (attempt + 1))  # workers creating the tables of a new database at once
+                    continue
+                first = scrub(str(exc), url).strip().splitlines()
+                reason = first[0] if first else type(exc).__name__
+                raise StudyError(f"cannot open storage {mask_url(url)}: {reason}", field="storage") from None

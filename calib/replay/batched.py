@@ -1,0 +1,803 @@
+"""Loaded-server replay: a :class:`~calib.data.traces.Trace` through the continuous-batching engine.
+
+This module turns a trace of a run under real load (``data/batched/``) into
+engine inputs, replays it with a step model and an overhead model
+(:func:`calib.replay.engine.run_engine`), and compares the prediction with the
+measurement per request, per run and per load stage.
+
+What the replay assumes
+-----------------------
+* **Scheduler** (vLLM 0.15, V1 engine): the run's ``max_num_seqs``,
+  ``max_num_batched_tokens`` (chunked prefill), ``kv_blocks_total_gpu`` and
+  ``block_size``; FCFS admission, recompute preemption (all inside the engine).
+  The last step is *not* counted twice (no phantom step: that was a reference
+  simulator bug, not vLLM behaviour).
+* **Prefix cache** (:data:`PREFIX_MODES`): vLLM caches full 16-token blocks of
+  a shared prompt prefix.  ``requests.json`` has a ``prefix_group`` per
+  request; in every shipped run it is empty (and ``config.num_prefix_groups``
+  is 0) although the load generator's profile shares a system prompt
+  (``data.shared_prefix.system_prompt_len`` tokens, 100 or 150, among
+  ``num_unique_system_prompts`` prompts).  ``"auto"`` (default) uses the
+  ``prefix_group`` field when some request has one, else the profile: every
+  request starts with a ``system_prompt_len``-token prefix shared with the
+  requests of its group, the groups assigned round robin in arrival order (the
+  assignment is unknown; it only matters until every group's prefix is cached,
+  i.e. for the first few requests).  ``"none"`` disables prefix caching.
+* **First step of a cached request**: ``cached_prefill_pi="cached"`` (default)
+  charges the cached prefix as KV already present (attention context and KV
+  reads), which is what vLLM computes; ``"zero"`` is the reference simulator's
+  choice (spec §2).
+* **Output length**: the trace's output-length rule (``Trace.output_rule``,
+  default ``profile``: a recorded count below 0.9 x the profile's fixed length
+  is replaced by that length).  A request with 0 output tokens is replayed as
+  producing 1.
+* **Rejections** (counted, never replayed): a request whose prompt plus
+  output exceeds the server's ``max_model_len`` (``exp-config.yaml``; else the
+  model's ``max_position_embeddings``), as vLLM's API rejects it, and a
+  request that can never fit in the KV cache (rejected by the engine).
+* **Client-side latency** (optional, ``request_latency_ms``, default 0): the
+  measured TTFT and E2E are client-side (inference-perf): they include the
+  HTTP round trip, the API server's tokenization and scheduling hand-off and
+  the streaming of the first token, none of which occupies the engine.  A
+  constant per-request latency can be added to the predicted TTFT and E2E; it
+  changes neither TPOT nor the simulated schedule.
+* **Step cap**: ``2 x (sum of output tokens + prefill chunks) + 1000`` steps by
+  default (a replay without preemption needs at most half of that); a replay
+  that reaches it stops, marks the unfinished requests and says so
+  (``hit_step_cap``).
+
+Metrics
+-------
+Per request: TTFT, E2E and TPOT = (E2E - TTFT) / (O - 1) in ms (the same
+definition for prediction and measurement; the measured one from
+``ground_truth.json`` and the output rule, see ``data/README.md``).  TPOT
+statistics use the requests whose measured TPOT is defined (the ``exclude``
+rule leaves the short ones out).  Per run and per stage: mean, p50, p90, p99
+(NumPy's linear-interpolation percentiles).  APEs are ``|pred - meas| / meas``
+of the run (or stage) statistics, as fractions.
+
+Saturation
+----------
+A load stage *saturates* in the replay when its simulated queue grows without
+bound: the mean predicted queueing delay (admission - arrival) of the stage's
+last fifth of requests exceeds :data:`SATURATION_WAIT_MS` and has grown by more
+than :data:`SATURATION_GROWTH` seconds per second of the stage since its first
+fifth.  The measured stage is *stable* when its TTFT p50 over the last fifth
+is below :data:`STABLE_TTFT_MS` and below 3x that of the first fifth.  A
+*runaway* is a saturated replay of a stable stage: the prediction is then
+unusable for that stage, whatever its mean error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from calib.data.traces import Stage, Trace
+from calib.errors import ConfigError, DataError
+from calib.physics.overhead import OverheadModel
+from calib.physics.step_model import StepModel
+from calib.replay.engine import EngineResult, SchedulerConfig, StepTimer, run_engine
+
+__all__ = [
+    "PREFIX_MODES",
+    "METRICS",
+    "STATS",
+    "APE_KEYS",
+    "SATURATION_WAIT_MS",
+    "SATURATION_GROWTH",
+    "STABLE_TTFT_MS",
+    "ReplayInputs",
+    "BatchedReplay",
+    "BatchedRun",
+    "check_requests",
+    "replay_inputs",
+    "replay_requests",
+    "window_trace",
+    "stats",
+    "ape_block",
+    "mean_inflight",
+    "step_summary",
+    "default_step_cap",
+    "frame",
+]
+
+PREFIX_MODES = ("auto", "groups", "profile", "none")
+#: Per-request metrics (ms).
+METRICS = ("ttft", "tpot", "e2e")
+#: Statistics of a metric over requests.
+STATS = ("mean", "p50", "p90", "p99")
+#: The four headline figures compared per run (issue 6).
+APE_KEYS = ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms")
+#: A stage saturates when its last fifth waits longer than this (ms) on average ...
+SATURATION_WAIT_MS = 1000.0
+#: ... and the mean wait grew by more than this many seconds per second of the stage.
+SATURATION_GROWTH = 0.005
+#: A measured stage is stable when its last-fifth TTFT p50 stays below this (ms) ...
+STABLE_TTFT_MS = 1000.0
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def check_requests(arrival_us, input_tokens, output_tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate per-request arrays; return them as int64 arrays.
+
+    Raises
+    ------
+    DataError
+        Different lengths, no request, a negative or unsorted arrival, a
+        non-integer value, an input of fewer than 1 token or a negative output.
+
+    Examples
+    --------
+    >>> [a.tolist() for a in check_requests([0, 5], [3, 4], [2, 0])]
+    [[0, 5], [3, 4], [2, 0]]
+    >>> check_requests([5, 0], [3, 4], [2, 2])
+    Traceback (most recent call last):
+    ...
+    calib.errors.DataError: arrival_us: arrivals not sorted: request 1 arrives at 0 us, before request 0 (5 us)
+    """
+    arrays = []
+    for values, name in ((arrival_us, "arrival_us"), (input_tokens, "input_tokens"), (output_tokens, "output_tokens")):
+        arr = np.asarray(values)
+        if arr.ndim != 1:
+            raise DataError("must be a 1-d array", field=name)
+        if arr.size and arr.dtype.kind not in "iu":
+            f = arr.astype(np.float64)
+            if not np.all(np.isfinite(f)) or np.any(f != np.round(f)):
+                raise DataError("must hold whole numbers", field=name)
+        arrays.append(arr.astype(np.int64))
+    arrival, inp, out = arrays
+    if not (len(arrival) == len(inp) == len(out)):
+        raise DataError(f"lengths differ: {len(arrival)} arrivals, {len(inp)} inputs, {len(out)} outputs",
+                        field="requests")
+    if len(arrival) == 0:
+        raise DataError("no request", field="requests")
+    if arrival.min() < 0:
+        i = int(np.argmin(arrival))
+        raise DataError(f"negative arrival time {arrival[i]} us (request {i})", field="arrival_us")
+    back = np.flatnonzero(np.diff(arrival) < 0)
+    if back.size:
+        i = int(back[0]) + 1
+        raise DataError(f"arrivals not sorted: request {i} arrives at {arrival[i]} us, before request {i - 1} "
+                        f"({arrival[i - 1]} us)", field="arrival_us")
+    if inp.min() < 1:
+        i = int(np.argmin(inp))
+        raise DataError(f"request {i} has {inp[i]} input tokens (needs >= 1)", field="input_tokens")
+    if out.min() < 0:
+        i = int(np.argmin(out))
+        raise DataError(f"request {i} has {out[i]} output tokens (needs >= 0)", field="output_tokens")
+    return arrival, inp, out
+
+
+def default_step_cap(input_tokens, output_tokens, max_scheduled_tokens: int) -> int:
+    """Default step cap: ``2 x (sum of max(O, 1) + sum of prefill chunks) + 1000``.
+
+    A replay without preemption never needs more than
+    ``sum(max(O, 1)) + sum(ceil(I / budget))`` steps (every step makes progress
+    for at least one request), so the cap only stops a replay that thrashes.
+
+    >>> default_step_cap([100, 5000], [10, 0], 2048)
+    1030
+    """
+    inp = np.asarray(input_tokens, dtype=np.int64)
+    out = np.maximum(np.asarray(output_tokens, dtype=np.int64), 1)
+    chunks = -(-inp // int(max_scheduled_tokens))
+    return int(2 * (int(out.sum()) + int(chunks.sum())) + 1000)
+
+
+@dataclass(frozen=True)
+class ReplayInputs:
+    """Everything the engine needs for one trace, built once and reused across step models.
+
+    Attributes
+    ----------
+    arrival_us, input_tokens, output_tokens : numpy.ndarray
+        Per trace request (the trace's order); ``output_tokens`` after the
+        output rule and at least 1.
+    prefix_tokens, prefix_group : numpy.ndarray
+        Shared-prefix length and group id (``-1``: none) per request.
+    context_rejected : numpy.ndarray of bool
+        Requests rejected before the engine (prompt + output > ``max_model_len``).
+    scheduler : SchedulerConfig
+    max_model_len : int or None
+    prefix_source : str
+        Where the prefix groups came from, in words.
+    """
+
+    arrival_us: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    prefix_tokens: np.ndarray
+    prefix_group: np.ndarray
+    context_rejected: np.ndarray
+    scheduler: SchedulerConfig
+    max_model_len: int | None
+    prefix_source: str
+
+    @property
+    def n(self) -> int:
+        return len(self.arrival_us)
+
+
+def _read_prefix_groups(trace: Trace) -> tuple[np.ndarray | None, int]:
+    """``prefix_group`` labels of ``requests.json`` (aligned with the trace) and ``config.system_prompt_len``."""
+    if not trace.source:
+        return None, 0
+    path = Path(trace.source) / "requests.json"
+    if not path.is_file():
+        return None, 0
+    doc = json.loads(path.read_text())
+    config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+    sys_len = config.get("system_prompt_len", 0)
+    sys_len = int(sys_len) if isinstance(sys_len, (int, float)) and not isinstance(sys_len, bool) else 0
+    labels = {}
+    for r in doc.get("requests", []):
+        if isinstance(r, dict) and "index" in r:
+            g = r.get("prefix_group")
+            labels[r["index"]] = "" if g is None else str(g)
+    idx = trace.requests["request_index"].tolist()
+    return np.array([labels.get(i, "") for i in idx], dtype=object), sys_len
+
+
+def _profile_prefix(trace: Trace) -> tuple[int, int]:
+    """``(system_prompt_len, num_unique_system_prompts)`` from the run's ``profile.yaml`` (0s when absent)."""
+    if not trace.source:
+        return 0, 0
+    path = Path(trace.source) / "profile.yaml"
+    if not path.is_file():
+        return 0, 0
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return 0, 0
+    sp = ((doc or {}).get("data") or {}).get("shared_prefix") or {}
+    length, groups = sp.get("system_prompt_len", 0), sp.get("num_unique_system_prompts", 0)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (length, groups))
+    return (int(length), int(groups)) if ok else (0, 0)
+
+
+def _max_model_len(trace: Trace, model_max: int) -> int | None:
+    """``max_model_len`` of ``exp-config.yaml`` when present, else the model's context (``None`` if unknown)."""
+    if trace.source:
+        path = Path(trace.source) / "exp-config.yaml"
+        if path.is_file():
+            import yaml
+
+            try:
+                doc = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                doc = None
+            value = doc.get("max_model_len") if isinstance(doc, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return int(value)
+    return int(model_max) if model_max and model_max > 0 else None
+
+
+def replay_inputs(trace: Trace, *, prefix: str = "auto", cached_prefill_pi: str = "cached",
+                  max_model_len: int | None = None, model_max_context: int = 0, max_steps: int | None = None,
+                  record_steps: bool = True, prefix_tokens: Sequence[int] | None = None,
+                  prefix_group: Sequence[int] | None = None) -> ReplayInputs:
+    """Engine inputs of a trace.
+
+    Parameters
+    ----------
+    trace : Trace
+    prefix : {"auto", "groups", "profile", "none"}
+        Prefix-cache assumption (module docstring).  Ignored when
+        ``prefix_tokens``/``prefix_group`` are given.
+    cached_prefill_pi : {"cached", "zero"}
+        PI of the first step of a request served partly from the prefix cache.
+    max_model_len : int, optional
+        Server context limit; default from ``exp-config.yaml``, else ``model_max_context``.
+    model_max_context : int
+        The model's ``max_position_embeddings`` (0: unknown).
+    max_steps : int, optional
+        Step cap (default :func:`default_step_cap`).
+    record_steps : bool
+        Keep the per-step records (batch size, tokens, durations).
+    prefix_tokens, prefix_group : sequence of int, optional
+        Explicit per-request prefix lengths and groups (tests, synthetic traces).
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``prefix`` mode, a server setting < 1 or missing.
+    DataError
+        Bad per-request values (:func:`check_requests`).
+    """
+    if prefix not in PREFIX_MODES:
+        raise ConfigError(f"unknown prefix mode {prefix!r}; choose one of {', '.join(PREFIX_MODES)}", field="prefix")
+    req = trace.requests
+    arrival, inp, out = check_requests(req["arrival_us"].to_numpy(), req["input_tokens"].to_numpy(),
+                                       req["output_tokens"].to_numpy())
+    n = len(arrival)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "kv_blocks", "block_size"):
+        value = getattr(trace, name)
+        if value is None:
+            raise ConfigError(f"the trace does not give the server's {name}", field=name)
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ConfigError(f"must be an integer >= 1, got {value!r}", field=name)
+    out = np.maximum(out, 1)
+    if prefix_tokens is not None or prefix_group is not None:
+        pre = np.zeros(n, np.int64) if prefix_tokens is None else np.asarray(prefix_tokens, np.int64)
+        grp = np.full(n, -1, np.int64) if prefix_group is None else np.asarray(prefix_group, np.int64)
+        if len(pre) != n or len(grp) != n:
+            raise DataError(f"prefix arrays need {n} entries", field="prefix")
+        if pre.size and pre.min() < 0:
+            raise DataError("prefix lengths must be >= 0", field="prefix_tokens")
+        source = "given per request"
+    else:
+        pre, grp, source = np.zeros(n, np.int64), np.full(n, -1, np.int64), "none (prefix caching off)"
+        if prefix != "none":
+            labels, cfg_len = _read_prefix_groups(trace)
+            has_labels = labels is not None and any(label != "" for label in labels)
+            prof_len, prof_groups = _profile_prefix(trace)
+            if prefix == "groups" or (prefix == "auto" and has_labels):
+                length = cfg_len or prof_len
+                if not has_labels or length < 1:
+                    raise DataError("no prefix_group labels (or no prefix length) in the run", file=trace.source,
+                                    field="prefix_group")
+                codes = {g: i for i, g in enumerate(sorted({label for label in labels if label != ""}))}
+                grp = np.array([codes.get(label, -1) for label in labels], np.int64)
+                pre = np.where(grp >= 0, length, 0).astype(np.int64)
+                source = f"requests.json prefix_group ({len(codes)} groups of a {length}-token prefix)"
+            elif prof_len > 0 and prof_groups > 0:
+                grp = np.arange(n, dtype=np.int64) % prof_groups
+                pre = np.full(n, prof_len, np.int64)
+                source = (f"profile: {prof_groups} system prompts of {prof_len} tokens, assigned round robin "
+                          "(requests.json has no prefix_group)")
+            elif prefix == "profile":
+                raise DataError("the profile declares no shared system prompt", file=trace.source,
+                                field="data.shared_prefix.system_prompt_len")
+        pre = np.minimum(pre, inp)
+    limit = max_model_len if max_model_len is not None else _max_model_len(trace, model_max_context)
+    context_rejected = (inp + out > limit) if limit else np.zeros(n, bool)
+    budget = int(trace.max_num_batched_tokens)
+    cap = default_step_cap(inp, out, budget) if max_steps is None else int(max_steps)
+    sched = SchedulerConfig(max_scheduled_tokens=budget, max_running=int(trace.max_num_seqs),
+                            block_size=int(trace.block_size), kv_blocks=int(trace.kv_blocks),
+                            prefix_cache=bool((grp >= 0).any()), cached_prefill_pi=cached_prefill_pi,
+                            phantom_last_step=False, max_steps=cap, record_steps=record_steps)
+    return ReplayInputs(arrival, inp, out, pre, grp, context_rejected, sched, limit, source)
+
+
+# ---------------------------------------------------------------------------------------- replay
+
+
+def mean_inflight(start_ms: np.ndarray, end_ms: np.ndarray, at_from: np.ndarray, at_to: np.ndarray) -> np.ndarray:
+    """Mean number of requests in flight over each interval ``[at_from, at_to]``.
+
+    A request is in flight from ``start_ms`` to ``end_ms`` (NaN: ignored); the
+    result is NaN for an empty or invalid interval.
+
+    Examples
+    --------
+    Two requests in flight over [0, 10] and [5, 10]: over [0, 10] the mean is 1.5.
+
+    >>> mean_inflight(np.array([0., 5.]), np.array([10., 10.]), np.array([0.]), np.array([10.])).tolist()
+    [1.5]
+    """
+    s = np.asarray(start_ms, float)
+    e = np.asarray(end_ms, float)
+    ok = np.isfinite(s) & np.isfinite(e) & (e > s)
+    times = np.concatenate([s[ok], e[ok]])
+    delta = np.concatenate([np.ones(ok.sum()), -np.ones(ok.sum())])
+    order = np.argsort(times, kind="stable")
+    times, delta = times[order], delta[order]
+    level = np.cumsum(delta)  # in flight just after each event
+    area = np.concatenate([[0.0], np.cumsum(level[:-1] * np.diff(times))])  # integral up to each event
+
+    def integral(t: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(times, t, side="right") - 1
+        jj = np.maximum(j, 0)
+        val = area[jj] + level[jj] * (t - times[jj])
+        return np.where(j < 0, 0.0, val)
+
+    a = np.asarray(at_from, float)
+    b = np.asarray(at_to, float)
+    good = np.isfinite(a) & np.isfinite(b) & (b > a)
+    out = np.full(len(a), np.nan)
+    if times.size and good.any():
+        out[good] = (integral(b[good]) - integral(a[good])) / (b[good] - a[good])
+    return out
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def stats(values) -> dict[str, float]:
+    """Mean, p50, p90, p99 of the finite values (NaN when there are none).
+
+    >>> stats([1.0, 2.0, 3.0, float("nan")])["p50"]
+    2.0
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return {"mean": float(v.mean()) if v.size else float("nan"), "p50": _pct(v, 50), "p90": _pct(v, 90),
+            "p99": _pct(v, 99)}
+
+
+def ape_block(pred: Mapping[str, Mapping[str, float]], meas: Mapping[str, Mapping[str, float]]) -> dict:
+    """``{ttft_mean_ms, tpot_mean_ms, e2e_mean_ms, e2e_p90_ms}`` of predicted, measured and APE (fractions)."""
+    def four(s):
+        return {"ttft_mean_ms": s["ttft"]["mean"], "tpot_mean_ms": s["tpot"]["mean"], "e2e_mean_ms": s["e2e"]["mean"],
+                "e2e_p90_ms": s["e2e"]["p90"]}
+
+    p, m = four(pred), four(meas)
+    ape = {k: (abs(p[k] - m[k]) / m[k] if m[k] and np.isfinite(m[k]) and np.isfinite(p[k]) else float("nan"))
+           for k in APE_KEYS}
+    return {"measured": m, "predicted": p, "ape": ape}
+
+
+def step_summary(steps: Mapping[str, np.ndarray], bins: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
+                 ) -> dict:
+    """Per-step records -> counts and mean durations of pure-decode steps by batch size, and token totals.
+
+    Returns ``{"n_steps", "n_decode_only", "n_mixed", "n_prefill_only", "batch_size": stats,
+    "decode_only_by_batch": [{"batch_from", "batch_to", "n_steps", "mean_duration_ms"}], ...}``.
+    """
+    if not steps or len(steps.get("duration_us", [])) == 0:
+        return {"n_steps": 0}
+    dur = np.asarray(steps["duration_us"], float)
+    bsz = np.asarray(steps["batch_size"], np.int64)
+    ptok = np.asarray(steps["prefill_tokens"], np.int64)
+    dtok = np.asarray(steps["decode_tokens"], np.int64)
+    dec_only = (ptok == 0) & (dtok > 0)
+    pre_only = (ptok > 0) & (dtok == 0)
+    mixed = (ptok > 0) & (dtok > 0)
+    rows = []
+    edges = list(bins)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = dec_only & (dtok >= lo) & (dtok < hi)
+        if sel.any():
+            rows.append({"batch_from": int(lo), "batch_to": int(hi - 1), "n_steps": int(sel.sum()),
+                         "mean_batch": float(dtok[sel].mean()), "mean_duration_ms": float(dur[sel].mean() / 1e3)})
+    return {
+        "n_steps": int(len(dur)),
+        "n_decode_only": int(dec_only.sum()),
+        "n_mixed": int(mixed.sum()),
+        "n_prefill_only": int(pre_only.sum()),
+        "busy_s": float(dur.sum() / 1e6),
+        "batch_size": stats(bsz),
+        "prefill_tokens_per_prefill_step": stats(ptok[ptok > 0]),
+        "decode_only_duration_ms": stats(dur[dec_only] / 1e3),
+        "mixed_duration_ms": stats(dur[mixed] / 1e3),
+        "decode_only_by_batch": rows,
+    }
+
+
+@dataclass
+class BatchedReplay:
+    """The outcome of one loaded-server replay, aligned with ``trace.requests``.
+
+    Attributes
+    ----------
+    trace : Trace
+    inputs : ReplayInputs
+    ttft_ms, e2e_ms, tpot_ms, wait_ms : numpy.ndarray
+        Predicted per request (NaN: rejected or unfinished); ``wait_ms`` is
+        admission - arrival (the simulated queueing delay).
+    rejected : numpy.ndarray of bool
+        Rejected by the replay (context or KV capacity).
+    n_steps, n_preemptions : int
+    hit_step_cap : bool
+    steps : dict
+        Per-step records (empty unless recorded).
+    """
+
+    trace: Trace
+    inputs: ReplayInputs
+    ttft_ms: np.ndarray
+    e2e_ms: np.ndarray
+    tpot_ms: np.ndarray
+    wait_ms: np.ndarray
+    rejected: np.ndarray
+    n_steps: int
+    n_preemptions: int
+    hit_step_cap: bool
+    steps: dict = field(default_factory=dict)
+
+    # ---- measured views ------------------------------------------------------------------
+    @property
+    def measured(self) -> dict[str, np.ndarray]:
+        req = self.trace.requests
+        return {"ttft": req["ttft_ms"].to_numpy(float), "tpot": req["tpot_ms"].to_numpy(float),
+                "e2e": req["e2e_ms"].to_numpy(float)}
+
+    @property
+    def predicted(self) -> dict[str, np.ndarray]:
+        return {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2e": self.e2e_ms}
+
+    @property
+    def n_unfinished(self) -> int:
+        """Requests neither rejected nor finished (only when the step cap was hit)."""
+        return int((~self.rejected & ~np.isfinite(self.e2e_ms)).sum())
+
+    def _masks(self, sel: np.ndarray) -> dict[str, np.ndarray]:
+        done = sel & np.isfinite(self.e2e_ms)
+        meas_tpot = np.isfinite(self.measured["tpot"])
+        return {"ttft": done, "e2e": done, "tpot": done & meas_tpot & np.isfinite(self.tpot_ms)}
+
+    def summary(self, sel: np.ndarray | None = None) -> dict:
+        """Measured and predicted statistics (:data:`STATS`) of :data:`METRICS` over ``sel`` (default all).
+
+        Both sides use the same requests: those the replay finished (and, for
+        TPOT, whose measured TPOT is defined).
+        """
+        sel = np.ones(self.trace.requests.shape[0], bool) if sel is None else np.asarray(sel, bool)
+        masks = self._masks(sel)
+        meas, pred = self.measured, self.predicted
+        return {
+            "n": int(sel.sum()),
+            "n_compared": int(masks["e2e"].sum()),
+            "n_tpot": int(masks["tpot"].sum()),
+            "measured": {m: stats(meas[m][masks[m]]) for m in METRICS},
+            "predicted": {m: stats(pred[m][masks[m]]) for m in METRICS},
+        }
+
+    def stage_masks(self) -> list[np.ndarray]:
+        st = self.trace.requests["stage"].to_numpy()
+        return [st == k for k in range(len(self.trace.stages))]
+
+    def saturation(self, sel: np.ndarray) -> dict:
+        """Queue-growth diagnosis of the requests ``sel`` (one stage); see the module docstring."""
+        idx = np.flatnonzero(sel)
+        out = {"saturated": False, "measured_stable": True, "runaway": False}
+        if len(idx) < 10:
+            return out
+        fifth = max(len(idx) // 5, 1)
+        first, last = idx[:fifth], idx[-fifth:]
+        arr_s = self.trace.requests["arrival_us"].to_numpy(float) / 1e6
+        wait = self.wait_ms
+        unfinished = ~np.isfinite(self.e2e_ms) & ~self.rejected
+        w_first = float(np.nanmean(wait[first])) if np.isfinite(wait[first]).any() else float("nan")
+        w_last = float(np.nanmean(wait[last])) if np.isfinite(wait[last]).any() else float("inf")
+        span = float(arr_s[last].mean() - arr_s[first].mean()) or 1.0
+        growth = (w_last - (w_first if np.isfinite(w_first) else 0.0)) / 1e3 / span
+        never_started = bool(unfinished[last].any())
+        meas_ttft = self.measured["ttft"]
+        m_first, m_last = float(np.median(meas_ttft[first])), float(np.median(meas_ttft[last]))
+        saturated = never_started or (w_last > SATURATION_WAIT_MS and growth > SATURATION_GROWTH)
+        stable = m_last < STABLE_TTFT_MS and m_last < 3.0 * max(m_first, 1e-9)
+        ttft_last = self.ttft_ms[last]
+        out.update({
+            "saturated": bool(saturated),
+            "measured_stable": bool(stable),
+            "runaway": bool(saturated and stable),
+            "predicted_wait_first_ms": w_first,
+            "predicted_wait_last_ms": w_last,
+            "predicted_wait_growth_s_per_s": growth,
+            "predicted_ttft_p50_last_ms": float(np.nanmedian(ttft_last)) if np.isfinite(ttft_last).any()
+            else float("nan"),
+            "measured_ttft_p50_first_ms": m_first,
+            "measured_ttft_p50_last_ms": m_last,
+        })
+        return out
+
+    def report(self) -> dict:
+        """Run-level and per-stage statistics, APEs, saturation and replay counters (JSON-ready)."""
+        whole = self.summary()
+        st_out = []
+        for k, (mask, stage) in enumerate(zip(self.stage_masks(), self.trace.stages)):
+            s = self.summary(mask)
+            s.update({"stage": k, "rate": stage.rate, "duration_s": stage.duration_s})
+            s["headline"] = ape_block(s["predicted"], s["measured"])
+            s["saturation"] = self.saturation(mask)
+            s["batch"] = self.batch_profile(mask)
+            st_out.append(s)
+        head = ape_block(whole["predicted"], whole["measured"])
+        return {
+            "n_requests": int(self.trace.requests.shape[0]),
+            "headline": head,
+            "stats": {"measured": whole["measured"], "predicted": whole["predicted"], "n_compared":
+                      whole["n_compared"], "n_tpot": whole["n_tpot"]},
+            "stages": st_out,
+            "replay": {"n_steps": self.n_steps, "n_preemptions": self.n_preemptions,
+                       "hit_step_cap": self.hit_step_cap, "step_cap": self.inputs.scheduler.max_steps,
+                       "rejected_context": int(self.inputs.context_rejected.sum()),
+                       "rejected_kv": int((self.rejected & ~self.inputs.context_rejected).sum()),
+                       "unfinished": self.n_unfinished, "max_model_len": self.inputs.max_model_len,
+                       "prefix": self.inputs.prefix_source,
+                       "cached_prefill_pi": self.inputs.scheduler.cached_prefill_pi},
+            "steps": step_summary(self.steps),
+            "saturated_stages": [s["stage"] for s in st_out if s["saturation"]["saturated"]],
+            "runaway_stages": [s["stage"] for s in st_out if s["saturation"]["runaway"]],
+        }
+
+    def inflight(self) -> dict[str, np.ndarray]:
+        """Mean requests in flight during each request's decode phase, measured and predicted.
+
+        A request is in flight from arrival to completion (measured: arrival +
+        E2E; predicted: the replay's).  The mean over ``[arrival + TTFT,
+        arrival + E2E]`` approximates the decode batch the request ran in.
+        """
+        arr = self.trace.requests["arrival_us"].to_numpy(float) / 1e3
+        meas, pred = self.measured, self.predicted
+        out = {}
+        for key, side in (("measured", meas), ("predicted", pred)):
+            end = arr + side["e2e"]
+            out[key] = mean_inflight(arr, end, arr + side["ttft"], end)
+        return out
+
+    def batch_profile(self, sel: np.ndarray | None = None, edges: Sequence[float] = (0, 4, 8, 16, 24, 32, 48, 64, 96,
+                                                                                      128, 1e9)) -> list[dict]:
+        """Measured and predicted mean TPOT by mean in-flight batch (bins of :meth:`inflight`)."""
+        sel = np.ones(self.trace.requests.shape[0], bool) if sel is None else np.asarray(sel, bool)
+        infl = self.inflight()
+        meas_tpot, pred_tpot = self.measured["tpot"], self.tpot_ms
+        rows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            row = {"batch_from": float(lo), "batch_to": float(hi) if hi < 1e8 else None}
+            for key, tpot in (("measured", meas_tpot), ("predicted", pred_tpot)):
+                b = infl[key]
+                m = sel & np.isfinite(b) & np.isfinite(tpot) & (b >= lo) & (b < hi)
+                row[key] = {"n": int(m.sum()), "mean_batch": float(b[m].mean()) if m.any() else None,
+                            "mean_tpot_ms": float(tpot[m].mean()) if m.any() else None}
+            if row["measured"]["n"] or row["predicted"]["n"]:
+                rows.append(row)
+        return rows
+
+    def scatter(self, max_points: int = 200) -> dict:
+        """Every k-th request's measured and predicted E2E and TTFT (ms, 0.1 ms), k = ceil(n / max_points)."""
+        n = self.trace.requests.shape[0]
+        k = max(1, math.ceil(n / max_points))
+        idx = np.arange(0, n, k)
+        meas = self.measured
+
+        def r(a):
+            return [None if not np.isfinite(x) else round(float(x), 1) for x in a[idx]]
+
+        return {"every": k, "measured_e2e_ms": r(meas["e2e"]), "predicted_e2e_ms": r(self.e2e_ms),
+                "measured_ttft_ms": r(meas["ttft"]), "predicted_ttft_ms": r(self.ttft_ms),
+                "stage": self.trace.requests["stage"].to_numpy()[idx].tolist()}
+
+
+def replay_requests(timer: StepTimer, inputs: ReplayInputs) -> EngineResult:
+    """Run the engine on the requests of ``inputs`` that are not rejected for context length.
+
+    Returns an :class:`EngineResult` aligned with all requests (context-rejected
+    ones are marked ``rejected``, their times NaN).
+    """
+    keep = ~inputs.context_rejected
+    idx = np.flatnonzero(keep)
+    n = inputs.n
+    if idx.size == 0:
+        nan = np.full(n, np.nan)
+        return EngineResult(nan, nan.copy(), nan.copy(), inputs.context_rejected.copy(), 0, 0, False, {})
+    res, _ = run_engine(timer, inputs.arrival_us[idx], inputs.input_tokens[idx], inputs.output_tokens[idx],
+                        inputs.scheduler, prefix_tokens=inputs.prefix_tokens[idx],
+                        prefix_group=inputs.prefix_group[idx])
+    if idx.size == n:
+        return res
+
+    def spread(a: np.ndarray) -> np.ndarray:
+        full = np.full(n, np.nan)
+        full[idx] = a
+        return full
+
+    rejected = inputs.context_rejected.copy()
+    rejected[idx] = np.asarray(res.rejected, bool)
+    return EngineResult(spread(res.ttft_us), spread(res.e2e_us), spread(res.start_us), rejected, res.n_steps,
+                        res.n_preemptions, res.hit_step_cap, res.steps)
+
+
+class BatchedRun:
+    """A trace bound to its engine inputs; :meth:`run` replays it under a step model and an overhead model.
+
+    Parameters
+    ----------
+    trace : Trace
+    **input_options
+        Passed to :func:`replay_inputs` (``prefix``, ``cached_prefill_pi``,
+        ``max_model_len``, ``max_steps``, ``record_steps``, ...).
+
+    Examples
+    --------
+    >>> from calib.physics.overhead import PerLayer
+    >>> run = BatchedRun(trace)  # doctest: +SKIP
+    >>> rep = run.run(StepModel.build(trace.model, trace.tp), PerLayer(80.0))  # doctest: +SKIP
+    >>> rep.report()["headline"]["ape"]  # doctest: +SKIP
+    """
+
+    def __init__(self, trace: Trace, **input_options: Any):
+        self.trace = trace
+        self._options = dict(input_options)
+        self._inputs: dict[int, ReplayInputs] = {}
+
+    def inputs(self, model_max_context: int = 0) -> ReplayInputs:
+        """The engine inputs (built once per model context length)."""
+        ri = self._inputs.get(model_max_context)
+        if ri is None:
+            ri = replay_inputs(self.trace, model_max_context=model_max_context, **self._options)
+            self._inputs[model_max_context] = ri
+        return ri
+
+    def run(self, step_model: StepModel, overhead: OverheadModel | None, *, record_steps: bool | None = None,
+            request_latency_ms: float = 0.0) -> BatchedReplay:
+        """Replay under ``step_model`` + ``overhead``.
+
+        Parameters
+        ----------
+        step_model : StepModel
+        overhead : OverheadModel or None
+        record_steps : bool, optional
+            Override of the inputs' choice.
+        request_latency_ms : float
+            Client-side latency added to every request's TTFT and E2E (not to
+            TPOT and not to the engine's time): see the module docstring.
+        """
+        if isinstance(request_latency_ms, bool) or not np.isfinite(request_latency_ms) or request_latency_ms < 0:
+            raise ConfigError(f"must be a finite number >= 0, got {request_latency_ms!r}", field="request_latency_ms")
+        inputs = self.inputs(int(getattr(step_model.model, "max_context", 0) or 0))
+        if record_steps is not None and record_steps != inputs.scheduler.record_steps:
+            inputs = replace(inputs, scheduler=replace(inputs.scheduler, record_steps=record_steps))
+        timer = StepTimer(step_model, overhead)
+        res = replay_requests(timer, inputs)
+        ttft = res.ttft_us / 1e3 + float(request_latency_ms)
+        e2e = res.e2e_us / 1e3 + float(request_latency_ms)
+        out = inputs.output_tokens
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out > 1, (e2e - ttft) / (out - 1), np.nan)
+        wait = (res.start_us - inputs.arrival_us) / 1e3
+        return BatchedReplay(self.trace, inputs, ttft, e2e, tpot, wait, np.asarray(res.rejected, bool),
+                             int(res.n_steps), int(res.n_preemptions), bool(res.hit_step_cap), dict(res.steps or {}))
+
+
+# ---------------------------------------------------------------------------------------- subsampling
+
+
+def window_trace(trace: Trace, window_s: float) -> Trace:
+    """The first ``window_s`` seconds of every load stage, stages made contiguous.
+
+    Requests arriving in ``[stage start, stage start + window_s)`` are kept;
+    later stages are shifted back so each starts where the previous window
+    ends, so the rate of every stage is preserved and a stage starts with the
+    running set the previous window left.  Used to cut search cost; final
+    held-out evaluations replay full traces.
+
+    Raises
+    ------
+    ConfigError
+        ``window_s`` not > 0.
+    """
+    if not (isinstance(window_s, (int, float)) and not isinstance(window_s, bool) and window_s > 0):
+        raise ConfigError(f"must be > 0 seconds, got {window_s!r}", field="window_s")
+    req = trace.requests
+    starts = np.concatenate([[0.0], np.cumsum([s.duration_s for s in trace.stages])[:-1]]) * 1e6
+    win = [min(float(window_s), s.duration_s) for s in trace.stages]
+    shift = starts - np.concatenate([[0.0], np.cumsum(win)[:-1]]) * 1e6
+    st = req["stage"].to_numpy()
+    arr = req["arrival_us"].to_numpy()
+    keep = (arr - starts[st]) < np.asarray(win)[st] * 1e6
+    if not keep.any():
+        raise DataError("no request in the window", field="window_s")
+    new = req.loc[keep].copy()
+    new["arrival_us"] = (arr[keep] - shift[st[keep]]).astype(np.int64)
+    new["arrival_us"] -= int(new["arrival_us"].iloc[0])
+    new = new.reset_index(drop=True)
+    stages = tuple(Stage(w, s.rate) for w, s in zip(win, trace.stages))
+    return replace(trace, requests=new, stages=stages)
+
+
+def frame(rep: BatchedReplay) -> pd.DataFrame:
+    """Per-request measured and predicted times as a DataFrame (for inspection)."""
+    req = rep.trace.requests
+    return pd.DataFrame({
+        "request_index": req["request_index"].to_numpy(), "arrival_us": req["arrival_us"].to_numpy(),
+        "stage": req["stage"].to_numpy(), "input_tokens": req["input_tokens"].to_numpy(),
+        "output_tokens": rep.inputs.output_tokens, "ttft_ms": req["ttft_ms"].to_numpy(),
+        "pred_ttft_ms": rep.ttft_ms, "tpot_ms": req["tpot_ms"].to_numpy(), "pred_tpot_ms": rep.tpot_ms,
+        "e2e_ms": req["e2e_ms"].to_numpy(), "pred_e2e_ms": rep.e2e_ms, "pred_wait_ms": rep.wait_ms,
+        "rejected": rep.rejected,
+    })

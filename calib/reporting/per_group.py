@@ -1,0 +1,71 @@
+"""REPORT.md and figures of a leave-one-group-out / group k-fold study (numbers from results.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from calib.reporting.plots import plt, save
+from calib.reporting.split_sensitivity import mode_line, settings_section
+from calib.reporting.tables import md_table, pct
+
+__all__ = ["write"]
+
+
+def write(r: dict, out: Path) -> list[Path]:
+    refs = r["reference_points"]
+    lines = [f"# Study `{r['study']}`: held-out groups", "", mode_line(r), "",
+             "For each grouping column and group splitter, the HG1 search ran on the train fold and the held-out "
+             "groups were predicted at its optimum. `mean` is the mean over folds of the fold's held-out MAPE, "
+             "`worst` the worst fold, `pooled` the mean over held-out experiments. For comparison, the same folds "
+             f"at fixed values ({', '.join(refs)} µs) and at the optimum of all experiments "
+             f"({r['global_optimum_us']:g} µs, which has seen the held-out data).", "",
+             f"All 13 experiments at the global optimum {r['global_optimum_us']:g} µs: TPOT "
+             f"{pct(r['global']['tpot_mape'])}, E2E {pct(r['global']['e2e_mape'])}, "
+             f"TTFT {pct(r['global']['ttft_mape'])}.",
+             "", "## Overall", ""]
+    rows = []
+    for s in r["schemes"]:
+        o = s["overall"]
+        rows.append([s["group"], s["splitter"], s["n_folds"], pct(o["tpot_mape"]), pct(o["worst_fold_tpot_mape"]),
+                     pct(o["pooled_tpot_mape"]), pct(o["e2e_mape"]), pct(o["ttft_mape"]),
+                     f"{100 * s['mean_gap']:+.1f} pp",
+                     *[pct(s[f"overall_at_{p}"]["tpot_mape"]) for p in refs],
+                     pct(s["overall_at_global_optimum"]["tpot_mape"])])
+    lines += [md_table(["group", "splitter", "folds", "held-out TPOT (mean)", "worst fold", "pooled", "E2E (mean)",
+                        "TTFT (mean)", "gap (mean)", *[f"TPOT @ {p} µs" for p in refs], "TPOT @ global opt."], rows),
+              "", "![held-out TPOT per fold](heldout_per_fold.png)", ""]
+    for s in r["schemes"]:
+        lines += [f"## {s['label']}", "",
+                  md_table(["held out", "optimum (µs)", "train TPOT", "held-out TPOT", "held-out E2E", "held-out TTFT",
+                            *[f"TPOT @ {p} µs" for p in refs], "experiments"],
+                           [[", ".join(f["test_groups"]), f"{f['optimum_us']:g}", pct(f["train_tpot_mape"]),
+                             pct(f["heldout"]["tpot_mape"]), pct(f["heldout"]["e2e_mape"]),
+                             pct(f["heldout"]["ttft_mape"]), *[pct(f[f"heldout_at_{p}"]["tpot_mape"]) for p in refs],
+                             len(f["test"])] for f in s["folds"]]), ""]
+    lines += settings_section(r)
+    (out / "REPORT.md").write_text("\n".join(lines))
+
+    logo = [s for s in r["schemes"] if s["splitter"] == "leave_one_group_out"] or r["schemes"]
+    fig, axes = plt.subplots(1, len(logo), figsize=(4.2 * len(logo), 4), squeeze=False)
+    for ax, s in zip(axes[0], logo):
+        labels = [", ".join(f["test_groups"]) for f in s["folds"]]
+        x = np.arange(len(labels))
+        ax.bar(x - 0.2, [100 * f["heldout"]["tpot_mape"] for f in s["folds"]], 0.4, label="train optimum")
+        ax.bar(x + 0.2, [100 * f["heldout_at_global_optimum"]["tpot_mape"] for f in s["folds"]], 0.4, alpha=0.6,
+               label="global optimum")
+        for p, mk in zip(refs, "ox^"):
+            ax.scatter(x, [100 * f[f"heldout_at_{p}"]["tpot_mape"] for f in s["folds"]], marker=mk, color="k",
+                       zorder=5, label=f"{p} µs")
+        for i, f in enumerate(s["folds"]):
+            ax.text(i - 0.2, 100 * f["heldout"]["tpot_mape"], f"{f['optimum_us']:g}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{s['label']}", fontsize=9)
+        ax.set_ylabel("held-out TPOT MAPE (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{r['study']} ({r['mode']} mode): held-out TPOT per fold; numbers: train optimum (µs)", fontsize=10)
+    save(fig, out / "heldout_per_fold.png")
+    return [out / "REPORT.md", out / "heldout_per_fold.png"]

@@ -1,0 +1,242 @@
+"""Split sensitivity: the HG1 search on every train/test split, not one.
+
+The published study used one 9/4 split of the 13 experiments, one of
+``C(13, 4) = 715``.  This kind runs the HG1 phased grid search (coarse, then
+fine around the coarse optimum; ties to the smaller value) on the train fold of
+every split of a splitter, and reports, per split, the optimum, train and test
+MAPE, the gap and which pre-registered criteria pass, then where the
+published split falls in the distribution.
+
+Each experiment's APE at a grid value does not depend on the split, so every
+grid value any split needs is replayed once on all experiments
+(:class:`calib.studies.apematrix.GridApe`); the 715 searches are array
+operations on that matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from calib.data import load_experiments
+from calib.estimator import RooflineRegressor
+from calib.model_selection import Fold, split_key
+from calib.studies.apematrix import (CandidateStore, GridApe, Predictions, SplitterSpec, build_folds,
+                                     dataset_fingerprint, fingerprint, phased_optima, store_record, worker_result)
+from calib.studies.context import RunContext
+from calib.studies.criteria import evaluate_criteria
+from calib.studies.kinds.hg1 import Phase, SplitSpec, resolve_split
+from calib.studies.spec import METRICS, Criterion, StudyBase
+
+KIND = "split_sensitivity"
+
+__all__ = ["KIND", "schema", "run", "GridStudyMixin", "fold_metrics", "distribution", "grid_store"]
+
+
+class GridStudyMixin(StudyBase):
+    """Fields shared by the grid-search generalization studies (the HG1 search settings)."""
+
+    parameter: str = "per_layer_overhead_us"
+    objective: str = "tpot_mape"
+    phases: list[Phase] = Field(min_length=1)
+    criteria: list[Criterion] = []
+
+    @model_validator(mode="after")
+    def _check_search(self):
+        if self.objective not in METRICS:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(METRICS)}")
+        if self.parameter not in RooflineRegressor().get_params():
+            raise ValueError(f"unknown estimator parameter {self.parameter!r}")
+        names = []
+        for ph in self.phases:
+            if ph.around is not None and ph.around not in names:
+                raise ValueError(f"phase {ph.name!r} searches around unknown earlier phase {ph.around!r}")
+            names.append(ph.name)
+        if self.phases[0].grid is None:
+            raise ValueError("the first phase needs a 'grid'")
+        return self
+
+
+class SplitSensitivitySchema(GridStudyMixin):
+    """``studies/split-sensitivity.yaml``."""
+
+    kind: Literal["split_sensitivity"]
+    splitter: SplitterSpec = SplitterSpec(type="all_k_of_n", n_test=4)
+    published: SplitSpec | None = SplitSpec(column="hg1_split")
+    extra_splitters: list[SplitterSpec] = []
+    histogram_bins: int = Field(default=30, ge=2)
+
+
+schema = SplitSensitivitySchema
+
+
+def grid_store(spec: StudyBase, X: pd.DataFrame, ctx: RunContext, base: dict, label: str = "grid") -> CandidateStore:
+    """The candidate store of a study's grid (its Optuna study is named after the dataset and estimator)."""
+    name = f"{spec.name}-{label}-{fingerprint(base, dataset_fingerprint(X))}"
+    return CandidateStore(X, base, ctx.storage, name, progress=ctx.progress)
+
+
+def fold_metrics(P: Predictions, row: int, fold: Fold) -> dict[str, dict[str, float]]:
+    """``{metric_mape: {train, test, all}}`` at candidate ``row`` of ``P`` for one fold."""
+    out = {}
+    for m in ("tpot", "ttft", "e2e"):
+        a = P.ape(m)[row]
+        out[f"{m}_mape"] = {"train": float(a[fold.train_idx].mean()), "test": float(a[fold.test_idx].mean()),
+                            "all": float(a.mean())}
+    return out
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    """Summary statistics of a sample (mean, std, min, quantiles, max)."""
+    v = np.asarray(values, dtype=float)
+    q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"n": int(len(v)), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "p05": float(q[0]), "p25": float(q[1]), "median": float(q[2]),
+            "p75": float(q[3]), "p95": float(q[4]), "max": float(v.max())}
+
+
+def _evaluate_folds(spec, grid: GridApe, folds: list[Fold], desc: str) -> list[dict]:
+    metric = spec.objective.removesuffix("_mape")
+    optima = phased_optima(grid, spec.phases, [f.train_idx for f in folds], metric, desc=desc)
+    values = sorted({o[spec.phases[-1].name] for o in optima})
+    P = grid.predictions(values)
+    row = {v: i for i, v in enumerate(values)}
+    out = []
+    for fold, opt in zip(folds, optima):
+        best = opt[spec.phases[-1].name]
+        metrics = fold_metrics(P, row[best], fold)
+        crit = evaluate_criteria(spec.criteria, metrics)
+        tp = metrics["tpot_mape"]
+        out.append({
+            "train": list(fold.train), "test": list(fold.test),
+            "optimum_us": best,
+            **{f"{ph}_optimum_us": v for ph, v in opt.items()},
+            "train_tpot_mape": tp["train"], "test_tpot_mape": tp["test"], "gap": tp["test"] - tp["train"],
+            "train_e2e_mape": metrics["e2e_mape"]["train"], "test_e2e_mape": metrics["e2e_mape"]["test"],
+            "train_ttft_mape": metrics["ttft_mape"]["train"], "test_ttft_mape": metrics["ttft_mape"]["test"],
+            "criteria_passed": [bool(c["passed"]) for c in crit],
+            "all_passed": bool(crit) and all(c["passed"] for c in crit),
+        })
+    return out
+
+
+def _summary(spec, splits: list[dict]) -> dict:
+    gaps = [s["gap"] for s in splits]
+    optima = [s["optimum_us"] for s in splits]
+    counts: dict[float, int] = {}
+    for v in optima:
+        counts[v] = counts.get(v, 0) + 1
+    passed = np.array([s["criteria_passed"] for s in splits], dtype=bool).reshape(len(splits), len(spec.criteria))
+    return {
+        "n_splits": len(splits),
+        "gap": distribution(gaps),
+        "abs_gap": distribution(np.abs(gaps)),
+        "train_tpot_mape": distribution([s["train_tpot_mape"] for s in splits]),
+        "test_tpot_mape": distribution([s["test_tpot_mape"] for s in splits]),
+        "optimum_us": distribution(optima),
+        "optimum_counts": [{"optimum_us": v, "n_splits": counts[v]} for v in sorted(counts)],
+        "criteria_pass_share": {c.name: float(passed[:, i].mean()) for i, c in enumerate(spec.criteria)},
+        "all_criteria_pass_share": float(passed.all(axis=1).mean()) if spec.criteria else 0.0,
+    }
+
+
+def run(spec: SplitSensitivitySchema, ctx: RunContext) -> dict:
+    early = worker_result(spec, ctx, KIND)
+    if early is not None:
+        return early
+    X = load_experiments(spec.dataset)
+    src = ctx.study_file
+    # every check first: no replay happens before the splits are known to be valid
+    folds = build_folds(spec.splitter, X, src, "splitter")
+    extras = [build_folds(s, X, src, f"extra_splitters[{i}]") for i, s in enumerate(spec.extra_splitters)]
+    pub_fold = None
+    if spec.published is not None:
+        pub_train, pub_test = resolve_split(spec.published, X, src)
+    base = RooflineRegressor(**spec.estimator).get_params()
+    est = RooflineRegressor(**base)
+    names = [str(i) for i in X.index]
+    pos = {n: i for i, n in enumerate(names)}
+    if spec.published is not None:
+        pub_fold = Fold(np.array([pos[n] for n in pub_train]), np.array([pos[n] for n in pub_test]),
+                        tuple(pub_train), tuple(pub_test))
+
+    store = grid_store(spec, X, ctx, base)
+    grid = GridApe(store, spec.parameter)
+    # one pass over every fold of every scheme (+ the published split): grid values shared, replayed once
+    everything = folds + [f for fs in extras for f in fs] + ([pub_fold] if pub_fold is not None else [])
+    evaluated = _evaluate_folds(spec, grid, everything, desc=spec.name)
+    splits = evaluated[:len(folds)]
+    at = len(folds)
+    extra_out = []
+    for s, fs in zip(spec.extra_splitters, extras):
+        part = evaluated[at:at + len(fs)]
+        at += len(fs)
+        extra_out.append({"splitter": s.label, "spec": s.model_dump(exclude_none=True), "summary": _summary(spec, part),
+                          "splits": part})
+    published, pct_weak = None, None
+    if pub_fold is not None:
+        pub = evaluated[-1]
+        keys = [(split_key(s["train"]), split_key(s["test"])) for s in splits]
+        occurrences = [i for i, k in enumerate(keys) if k == (split_key(pub_fold.train), split_key(pub_fold.test))]
+        gaps = np.array([s["gap"] for s in splits])
+        pct_weak = float(100.0 * np.mean(gaps <= pub["gap"]))
+        published = {**pub, "index_in_splits": occurrences[0] if occurrences else None,
+                     "occurrences": len(occurrences), "gap_percentile_weak": pct_weak,
+                     "gap_percentile_strict": float(100.0 * np.mean(gaps < pub["gap"])),
+                     "test_tpot_mape_percentile": float(100.0 * np.mean(
+                         np.array([s["test_tpot_mape"] for s in splits]) <= pub["test_tpot_mape"]))}
+
+    # per experiment: test APE over the splits that hold it out (at each split's optimum)
+    values = sorted({s["optimum_us"] for s in splits})
+    P = grid.predictions(values)
+    row = {v: i for i, v in enumerate(values)}
+    A = P.ape("tpot")
+    per_exp = []
+    for n in names:
+        j = pos[n]
+        held = [A[row[s["optimum_us"]], j] for s in splits if n in s["test"]]
+        trained = [A[row[s["optimum_us"]], j] for s in splits if n in s["train"]]
+        per_exp.append({"experiment": n, "family": str(X.loc[n, "family"]), "tp": int(X.loc[n, "tp"]),
+                        "workload": str(X.loc[n, "workload"]), "n_test_splits": len(held),
+                        "mean_test_tpot_ape": float(np.mean(held)) if held else None,
+                        "max_test_tpot_ape": float(np.max(held)) if held else None,
+                        "mean_train_tpot_ape": float(np.mean(trained)) if trained else None})
+    return {
+        "study": spec.name,
+        "kind": KIND,
+        "mode": base["mode"],
+        "tpot_definition": est._tpot_def,
+        "phantom_last_step": est._phantom,
+        "splitter": spec.splitter.label,
+        "criteria": [c.model_dump() for c in spec.criteria],
+        "splits": splits,
+        "summary": _summary(spec, splits),
+        "published_split": published,
+        "published_split_percentile": pct_weak,
+        "experiments": per_exp,
+        "extra": extra_out,
+        "settings": {
+            "study_file": ctx.study_file,
+            "dataset": spec.dataset or "embedded hg1 (configs/datasets/hg1)",
+            "estimator": base,
+            "parameter": spec.parameter,
+            "objective": f"train mean {spec.objective}",
+            "phases": [ph.model_dump(exclude_none=True) for ph in spec.phases],
+            "splitter": spec.splitter.model_dump(exclude_none=True),
+            "published": spec.published.model_dump(exclude_none=True) if spec.published else None,
+            "histogram_bins": spec.histogram_bins,
+            "sampler": "exhaustive grid per split (HG1 phases); every grid value replayed once on all experiments",
+            "seed": base["seed"],
+            "seeds": {"request_seed": base["seed"],
+                      **{f"extra_splitters[{i}]": s.seed for i, s in enumerate(spec.extra_splitters)}},
+            "grid_values_evaluated": len(store.requested),
+            "optuna_study": store.study_name,
+            "samplers": [store_record(store)],
+            "storage": ctx.storage_label,
+            "request_seed": base["seed"],
+            "lengths": base["lengths"],
+        },
+    }

@@ -1,0 +1,395 @@
+"""calib.replay.engine: hand-checked scheduling cases, KV accounting and preemption, the step cap,
+and the fast (aggregated) engine against the straightforward per-step one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calib.errors import ConfigError
+from calib.physics import StepBatch, StepModel
+from calib.physics.overhead import BatchLinear, PerLayer, PrefillDecodeSplit
+from calib.replay.engine import SchedulerConfig, StepTimer, _Engine, _FastEngine, run_engine
+
+BOTH = pytest.mark.parametrize("fast", [True, False], ids=["fast", "simple"])
+
+
+class FakeTimer:
+    """Known step times: 1000 + 10 µs per prefill token if the step has prefill, plus 100 µs per decode.
+
+    Records the entries of every general step it is asked about.
+    """
+
+    aggregate = False
+    steps = None
+
+    def __init__(self):
+        self.calls = []
+
+    def step_hw_us(self, p_pi, p_n, q=0, max_pi=0, sum_pi=0, d_pis=None):
+        d = list(d_pis or [])
+        self.calls.append((list(zip(p_pi, p_n)), d))
+        return (1000 + 10 * sum(p_n) if len(p_n) else 0) + 100 * len(d)
+
+    def step_us(self, hw, n_prefill, prefill_tokens, n_decode):
+        return int(hw)
+
+    def decode_run_us(self, pis, k):
+        return np.full(k, 100.0 * len(pis))
+
+    def run_us(self, hw, n_decode):
+        return np.asarray(hw).astype(np.int64)
+
+
+def replay(arrival, inp, out, cfg=None, fast=True, timer=None, **kw):
+    timer = timer or FakeTimer()
+    cfg = cfg or SchedulerConfig(record_steps=True)
+    res, nxt = run_engine(timer, arrival, inp, out, cfg, fast=fast, **kw)
+    return res, timer
+
+
+def steps_of(res):
+    s = res.steps
+    return list(zip(s["start_us"].tolist(), s["duration_us"].tolist(), s["batch_size"].tolist(),
+                    s["prefill_tokens"].tolist(), s["decode_tokens"].tolist()))
+
+
+@pytest.fixture(scope="module")
+def sm():
+    return StepModel.build("llama-2-7b-hf", 1)
+
+
+# ------------------------------------------------------------------------------------ by hand
+
+
+@BOTH
+def test_one_request_by_hand(fast):
+    # prefill 100 tokens: 2000 µs; then O - 1 = 4 decode steps of 100 µs; phantom adds the last once more
+    res, _ = replay([0], [100], [5], fast=fast)
+    assert res.ttft_us.tolist() == [2000]
+    assert res.e2e_us.tolist() == [2000 + 4 * 100 + 100]
+    tpot = (res.e2e_us[0] - res.ttft_us[0]) / (5 - 1)
+    assert tpot == 125.0
+    assert res.n_steps == 5 and res.start_us.tolist() == [0]
+    assert steps_of(res) == [(0, 2000, 1, 100, 0)] + [(2000 + 100 * i, 100, 1, 0, 1) for i in range(4)]
+
+
+@BOTH
+def test_phantom_step_switch(fast):
+    off, _ = replay([0], [100], [5], SchedulerConfig(phantom_last_step=False), fast=fast)
+    assert off.e2e_us.tolist() == [2400]
+    one, _ = replay([0], [100], [1], fast=fast)  # a single output token: no decode step, no phantom
+    assert one.ttft_us.tolist() == one.e2e_us.tolist() == [2000]
+
+
+@BOTH
+def test_spec_7_5_one_synchronous_request(sm, fast):
+    """Spec §7.5: prompt 512, O = 4, PLO 100 (v2.3): TTFT 16466 µs, E2E 48441 µs (phantom on)."""
+    res, _ = run_engine(StepTimer(sm, PerLayer(100.0), fast=fast), [0], [512], [4], SchedulerConfig(), fast=fast)
+    assert (int(res.ttft_us[0]), int(res.e2e_us[0])) == (16466, 48441)
+
+
+@BOTH
+@pytest.mark.parametrize("mode, shown", [("zero", 0), ("cached", 288)])
+def test_prefix_reuse(fast, mode, shown):
+    # prefix 300 tokens -> 288 (18 blocks of 16) served from cache once request 0 has prefilled
+    cfg = SchedulerConfig(cached_prefill_pi=mode)
+    res, timer = replay([0, 100_000], [400, 350], [1, 1], cfg, fast=fast, prefix_tokens=[300, 300],
+                        prefix_group=[0, 0])
+    assert timer.calls == [([(0, 400)], []), ([(shown, 350 - 288)], [])]
+    assert res.ttft_us.tolist() == [5000, 1000 + 10 * 62]
+    # no sharing without a group, or with the cache off
+    _, t2 = replay([0, 100_000], [400, 350], [1, 1], fast=fast, prefix_tokens=[300, 300], prefix_group=[0, -1])
+    _, t3 = replay([0, 100_000], [400, 350], [1, 1], SchedulerConfig(prefix_cache=False), fast=fast,
+                   prefix_tokens=[300, 300], prefix_group=[0, 0])
+    assert t2.calls[1] == t3.calls[1] == ([(0, 350)], [])
+
+
+@BOTH
+def test_prefix_warm_set_is_used_and_updated(fast):
+    warm = set()
+    replay([0], [400], [2], fast=fast, prefix_tokens=[300], prefix_group=[7], prefix_warm=warm)
+    assert warm == {7}
+    _, timer = replay([0], [400], [2], fast=fast, prefix_tokens=[300], prefix_group=[7], prefix_warm={7})
+    assert timer.calls[0] == ([(0, 400 - 288)], [])
+
+
+@BOTH
+def test_chunked_prefill_at_2048_tokens(fast):
+    res, timer = replay([0], [5000], [2], fast=fast)
+    assert [c[0] for c in timer.calls[:3]] == [[(0, 2048)], [(2048, 2048)], [(4096, 904)]]
+    assert res.ttft_us.tolist() == [3 * 1000 + 10 * 5000]
+    assert res.n_steps == 4
+
+
+@BOTH
+def test_overlap_gives_mixed_and_batch2_steps(fast):
+    # request 1 arrives while request 0's prefill runs: it joins the next step (mixed), then both decode
+    res, timer = replay([0, 1500], [100, 50], [5, 3], fast=fast)
+    assert steps_of(res) == [
+        (0, 2000, 1, 100, 0),
+        (2000, 1600, 2, 50, 1),   # decode r0 + prefill r1 (1000 + 500 + 100)
+        (3600, 200, 2, 0, 2),
+        (3800, 200, 2, 0, 2),     # r1's last decode
+        (4000, 100, 1, 0, 1),     # r0 alone
+    ]
+    assert timer.calls[1] == ([(0, 50)], [100])  # r0 decodes at PI = 100
+    assert res.ttft_us.tolist() == [2000, 3600 - 1500]
+    assert res.e2e_us.tolist() == [4100 + 100, 4000 - 1500 + 200]
+
+
+@BOTH
+def test_max_running_cap_and_fcfs(fast):
+    cfg = SchedulerConfig(max_running=1, record_steps=True, phantom_last_step=False)
+    res, _ = replay([0, 0, 0], [100, 50, 10], [2, 2, 2], cfg, fast=fast)
+    # one at a time, in arrival order: 2000 + 100, then 1500 + 100, then 1100 + 100
+    assert res.start_us.tolist() == [0, 2100, 3700]
+    assert res.e2e_us.tolist() == [2100, 3700, 4900]
+    assert max(res.steps["batch_size"]) == 1
+
+
+@BOTH
+def test_fcfs_head_of_line_blocking(fast):
+    # KV 10 blocks of 4: request 1 (30 tokens, 8 blocks) cannot start while request 0 holds 5;
+    # request 2 (tiny) must not overtake it
+    cfg = SchedulerConfig(block_size=4, kv_blocks=10, phantom_last_step=False)
+    res, _ = replay([0, 1, 2], [20, 30, 4], [5, 3, 2], cfg, fast=fast)
+    assert not res.rejected.any()
+    assert res.start_us[2] >= res.start_us[1] > res.start_us[0]
+
+
+@BOTH
+def test_recompute_preemption_of_most_recent(fast):
+    """Two requests share a 6-block KV cache (blocks of 4 tokens).  Worked by hand:
+
+    t=0     both admitted (2 blocks each), prefill 16 tokens: 1160 µs; first tokens
+    t=1160  decode x2 (each takes a 3rd block: free 0) ... four batch-2 decodes of 200 µs
+    t=1960  r0 needs a 4th block, none free: the most recently admitted (r1, 3 blocks) is preempted;
+            r0 decodes alone (100 µs) and finishes at 2060 (E2E 2060 + phantom 100)
+    t=2060  r1 readmitted: recomputes prompt + 5 generated = 13 tokens (1130 µs), which yields its
+            6th and last token at 3190 (E2E 3190 + phantom 1130); its TTFT stays 1160
+    """
+    cfg = SchedulerConfig(block_size=4, kv_blocks=6, record_steps=True)
+    res, timer = replay([0, 0], [8, 8], [6, 6], cfg, fast=fast)
+    assert res.n_preemptions == 1
+    assert res.ttft_us.tolist() == [1160, 1160]
+    assert res.e2e_us.tolist() == [2160, 3190 + 1130]
+    assert res.n_steps == 7
+    assert steps_of(res)[-2:] == [(1960, 100, 1, 0, 1), (2060, 1130, 1, 13, 0)]
+    assert timer.calls[-1] == ([(0, 13)], [])
+
+
+@BOTH
+def test_preemption_victim_can_be_the_requester(fast):
+    """r1 (admitted last) needs a block, none is free: r1 itself is preempted, r0 keeps running.
+
+    t=0 prefill 18 tokens (1180); t=1180 r1 needs its 3rd block, free 0 -> r1 preempted (target 9);
+    r0 decodes at 1180 and 1280 and finishes at 1380 (E2E 1480); r1 recomputes 9 tokens (1090 µs,
+    its 2nd token) then decodes 4 times: finishes at 2870 (E2E 2970).
+    """
+    cfg = SchedulerConfig(block_size=4, kv_blocks=5)
+    res, _ = replay([0, 0], [10, 8], [3, 6], cfg, fast=fast)
+    assert res.n_preemptions == 1
+    assert res.ttft_us.tolist() == [1180, 1180]
+    assert res.e2e_us.tolist() == [1480, 2970]
+    assert res.n_steps == 8
+
+
+@pytest.mark.parametrize("cls", [_FastEngine, _Engine])
+def test_kv_blocks_all_returned(cls):
+    cfg = SchedulerConfig(block_size=4, kv_blocks=12)
+    rng = np.random.default_rng(3)
+    arr = np.sort(rng.integers(0, 20_000, 30))
+    eng = cls(FakeTimer(), arr, rng.integers(1, 30, 30), rng.integers(1, 20, 30), cfg, None, None, 0, False, None)
+    res, _ = eng.run()
+    assert res.n_preemptions > 0 and not np.isnan(res.e2e_us).any()
+    assert eng.free == cfg.kv_blocks
+
+
+@BOTH
+def test_rejection_of_requests_that_can_never_fit(fast):
+    # 3 blocks of 4 = 12 tokens: a request needs input + output - 1 tokens of KV
+    cfg = SchedulerConfig(block_size=4, kv_blocks=3)
+    res, _ = replay([0, 0, 0], [10, 10, 5], [3, 4, 2], cfg, fast=fast)
+    assert res.rejected.tolist() == [False, True, False]
+    assert res.n_rejected == 1
+    assert np.isnan(res.e2e_us[1]) and np.isnan(res.ttft_us[1]) and not np.isnan(res.e2e_us[[0, 2]]).any()
+
+
+@BOTH
+def test_kv_cache_too_small_for_anything_ends(fast):
+    res, _ = replay([0, 5], [100, 200], [10, 10], SchedulerConfig(block_size=16, kv_blocks=1), fast=fast)
+    assert res.rejected.all() and res.n_steps == 0
+
+
+@BOTH
+def test_step_cap(fast):
+    cfg = SchedulerConfig(max_steps=5)
+    res, _ = replay([0, 0], [100, 100], [50, 50], cfg, fast=fast)
+    assert res.hit_step_cap and res.n_steps == 5
+    assert np.isnan(res.e2e_us).all() and not np.isnan(res.ttft_us).any()
+    # a replay that ends exactly at the cap did not hit it
+    done, _ = replay([0], [100], [5], SchedulerConfig(max_steps=5), fast=fast)
+    assert not done.hit_step_cap and done.n_steps == 5
+
+
+def test_stop_when_idle_returns_one_busy_period():
+    res, nxt = run_engine(FakeTimer(), [0, 1000, 100_000], [100, 50, 10], [3, 3, 3], SchedulerConfig(),
+                          stop_when_idle=True)
+    assert nxt == 2 and not np.isnan(res.e2e_us[:2]).any() and np.isnan(res.e2e_us[2])
+    res2, nxt2 = run_engine(FakeTimer(), [0, 1000, 100_000], [100, 50, 10], [3, 3, 3], SchedulerConfig(),
+                            first=2, stop_when_idle=True)
+    assert nxt2 == 3 and res2.ttft_us[2] == 1100
+
+
+def test_config_validation():
+    for bad in ({"max_running": 0}, {"kv_blocks": 0}, {"block_size": True}, {"max_steps": 1.5},
+                {"cached_prefill_pi": "x"}):
+        with pytest.raises(ConfigError):
+            SchedulerConfig(**bad)
+
+
+# ------------------------------------------------------------------------ fast == straightforward
+
+
+def _random_case(rng):
+    n = int(rng.integers(1, 30))
+    arr = np.sort(rng.integers(0, 1_500_000, n))
+    if rng.random() < 0.3:
+        arr[:] = 0
+    pre = int(rng.choice([0, 100, 500]))
+    inp = rng.integers(1, 2500, n) + pre
+    out = rng.integers(1, 200, n)
+    bs = int(rng.choice([1, 4, 16]))
+    cfg = SchedulerConfig(
+        max_scheduled_tokens=int(rng.choice([3, 64, 512, 2048])),
+        max_running=int(rng.choice([1, 3, 256])),
+        block_size=bs,
+        kv_blocks=int(rng.choice([60, 300, 1_000_000])) * (16 // bs),
+        prefix_cache=bool(rng.random() < 0.7),
+        cached_prefill_pi=str(rng.choice(["zero", "cached"])),
+        phantom_last_step=bool(rng.random() < 0.5),
+        max_steps=int(rng.choice([50, 50_000_000])),
+        record_steps=True,
+    )
+    grp = np.where(rng.random(n) < 0.7, rng.integers(0, 2, n), -1)
+    return arr, inp, out, cfg, np.full(n, pre), grp
+
+
+def _same(a, b):
+    return (np.array_equal(a.ttft_us, b.ttft_us, equal_nan=True) and np.array_equal(a.e2e_us, b.e2e_us, equal_nan=True)
+            and np.array_equal(a.start_us, b.start_us, equal_nan=True) and np.array_equal(a.rejected, b.rejected)
+            and a.n_steps == b.n_steps and a.n_preemptions == b.n_preemptions and a.hit_step_cap == b.hit_step_cap
+            and all(np.array_equal(a.steps[k], b.steps[k]) for k in b.steps))
+
+
+@pytest.mark.parametrize("variant", ["v2.3", "v2.4", "per_request"])
+def test_fast_engine_equals_straightforward_engine(variant):
+    if variant == "per_request":
+        sm = StepModel.build("llama-2-7b-hf", 2, decode_attention="per_request")
+    else:
+        sm = StepModel.build("qwen2.5-7b-instruct", 1, variant=variant)
+    rng = np.random.default_rng({"v2.3": 1, "v2.4": 2, "per_request": 3}[variant])
+    preemptions = 0
+    for _ in range(25):
+        arr, inp, out, cfg, pre, grp = _random_case(rng)
+        ovh = [PerLayer(float(rng.uniform(0, 300))), BatchLinear(50, 3), PrefillDecodeSplit(200, 50)][rng.integers(3)]
+        got = [run_engine(StepTimer(sm, ovh), arr, inp, out, cfg, prefix_tokens=pre, prefix_group=grp,
+                          fast=fast, prefix_warm=set()) for fast in (True, False)]
+        assert got[0][1] == got[1][1]
+        assert _same(got[0][0], got[1][0]), cfg
+        res = got[0][0]
+        assert res.hit_step_cap or (~np.isnan(res.e2e_us) | res.rejected).all()
+        preemptions += res.n_preemptions
+    assert preemptions > 0
+
+
+def test_fast_engine_equals_fake_timer_engine():
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        arr, inp, out, cfg, pre, grp = _random_case(rng)
+        a, _ = replay(arr, inp, out, cfg, fast=True, prefix_tokens=pre, prefix_group=grp)
+        b, _ = replay(arr, inp, out, cfg, fast=False, prefix_tokens=pre, prefix_group=grp)
+        assert _same(a, b), cfg
+
+
+def test_plain_timer_equals_fast_timer(sm):
+    """``StepTimer(fast=False)`` (one StepModel.parts call per step) gives the same integer µs."""
+    rng = np.random.default_rng(5)
+    arr = np.sort(rng.integers(0, 400_000, 8))
+    inp, out = rng.integers(10, 3000, 8), rng.integers(2, 40, 8)
+    cfg = SchedulerConfig(record_steps=True)
+    a, _ = run_engine(StepTimer(sm, PerLayer(80.0)), arr, inp, out, cfg)
+    b, _ = run_engine(StepTimer(sm, PerLayer(80.0), fast=False), arr, inp, out, cfg, fast=False)
+    assert _same(a, b)
+    assert a.steps["batch_size"].max() >= 2
+
+
+# ------------------------------------------------------------------------------ the step times
+
+
+@pytest.mark.parametrize("opts", [
+    {"variant": "v2.3"},
+    {"variant": "v2.4"},
+    {"variant": "v2.3", "mixed_rule": "additive"},
+    {"variant": "v2.3", "mixed_rule": "max", "prefill_attention": "actual", "mfu_rule": "interp"},
+    {"variant": "v2.4", "decode_attention": "max_context", "gemm_mfu_scale": 1.3, "mfu_floor": 0.05},
+    {"variant": "v2.3", "decode_attention": "per_request", "bw_efficiency": 0.9},
+])
+def test_fast_step_times_equal_hardware_time(opts):
+    sm = StepModel.build("llama-2-7b-hf", 2, **opts)
+    f = sm.fast
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        n_p = int(rng.integers(0, 4))
+        q = int(rng.integers(0, 40)) if rng.random() < 0.7 else int(rng.integers(0, 3))
+        if n_p + q == 0:
+            q = 1
+        p_pi = rng.integers(0, 5000, n_p).tolist()
+        p_n = rng.integers(1, 3000, n_p).tolist()
+        if n_p and rng.random() < 0.2:
+            p_n[0] = 1
+        d = rng.integers(1, 9000, q).tolist()
+        ref = float(sm.parts(StepBatch.single(list(zip(p_pi, p_n)), d)).hardware_s[0] * 1e6)
+        got = f.step_hw_us(p_pi, p_n, d_pis=d)
+        # bit-identical except the closed-form decode byte sum of q > 1 requests (an ulp or so)
+        assert got == ref if q <= 1 else got == pytest.approx(ref, rel=1e-14)
+    for _ in range(20):
+        q, k = int(rng.integers(1, 30)), int(rng.integers(1, 40))
+        pis = rng.integers(1, 6000, q)
+        steps = np.repeat(np.arange(k), q)
+        dpi = (pis[None, :] + np.arange(k)[:, None]).reshape(-1)
+        e = np.zeros(0, np.int64)
+        ref = sm.parts(StepBatch(k, e, e, e, steps, dpi)).hardware_s * 1e6
+        got = f.decode_run_pr_hw_us(pis, k)
+        np.testing.assert_allclose(got, ref, rtol=1e-14)
+        if f.aggregate:  # scalar and vectorised decode steps agree exactly
+            scal = [f.decode_hw_us(q, int(pis.max()) + j, int(pis.sum()) + q * j) for j in range(k)]
+            assert np.array_equal(scal, got)
+
+
+def test_solo_decode_row_is_bit_identical(sm):
+    pis = np.arange(1, 3000, 7)
+    ref = sm.parts(StepBatch.solo_decode(pis)).hardware_s * 1e6
+    assert np.array_equal(sm.fast.solo_decode_row(int(pis.max()))[pis], ref)
+
+
+def test_v3_falls_back_to_step_model():
+    sm = StepModel.build("llama-2-7b-hf", 1, variant="v3")
+    assert not sm.fast.scalar
+    batch = StepBatch.single([(0, 300)], [700, 900])
+    ref = float(sm.parts(batch).hardware_s[0] * 1e6)
+    assert sm.fast.step_hw_us([0], [300], d_pis=[700, 900]) == ref
+    res, _ = run_engine(StepTimer(sm, PerLayer(50.0)), [0, 20_000], [300, 900], [20, 10], SchedulerConfig())
+    ref_res, _ = run_engine(StepTimer(sm, PerLayer(50.0), fast=False), [0, 20_000], [300, 900], [20, 10],
+                            SchedulerConfig(), fast=False)
+    assert _same(res, ref_res)
+
+
+def test_timer_overhead_memo_and_prime(sm):
+    timer = StepTimer(sm, BatchLinear(10.0, 2.0))
+    timer.prime([1, 0], [300, 0], [2, 5])
+    assert timer._ovh[(1, 300, 2)] == (10.0 + 2.0 * 3) * 32
+    assert timer.overhead_us(0, 0, 5) == (10.0 + 2.0 * 5) * 32
+    assert timer.step_us(1000.4, 0, 0, 5) == 1000 + 640
+    assert StepTimer(sm, None).step_us(1000.5, 0, 0, 1) == 1001
