@@ -3,11 +3,12 @@
 The study is a real calib search: TPE over the two parameters of the
 ``per_step_plus_per_layer`` overhead model (``step_us_const``,
 ``per_layer_us``), minimising the train TPOT MAPE of the 9 HG1 train
-experiments (:func:`calib.studies.evaluate.evaluate`, the HG1 objective).  The serial run
-and the parallel run each use a fresh journal file (the storage of
-``calib study run --workers N``).  The parallel run starts its workers the way
-``calib study run --workers N`` does: ``N - 1`` fresh Python processes
-(imports included in the time) joining the study, plus the lead.
+experiments (:func:`calib.studies.evaluate.evaluate`, the HG1 objective).
+Each run is a
+fresh Python process on a fresh journal file (the storage of ``calib study
+run --workers N``), timed from start to exit (imports and the first, slow,
+evaluations included); the parallel run forks ``N - 1`` workers after its
+imports and works as the N-th, as ``calib study run --workers N`` does.
 
 Run (on demand, not in CI)::
 
@@ -76,39 +77,49 @@ def counts(url: str) -> Counter:
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
 
+def run_study_like(url: str, n_trials: int, workers: int) -> None:
+    """What ``calib study run --workers N`` does: fork N - 1 workers after the imports, then work as one."""
+    import multiprocessing as mp
+
+    import calib.studies.search  # noqa: F401 - the imports a lead has done when it forks
+
+    ctx = mp.get_context("fork")
+    children = [ctx.Process(target=_child, args=(url, n_trials)) for _ in range(workers - 1)]
+    for c in children:
+        c.start()
+    n = run_search(url, n_trials)
+    for c in children:
+        c.join()
+    print(f"  lead {os.getpid()}: {n} trials", flush=True)
+
+
+def _child(url: str, n_trials: int) -> None:
+    print(f"  worker {os.getpid()}: {run_search(url, n_trials)} trials", flush=True)
+
+
+def timed_run(url: str, n_trials: int, workers: int) -> float:
+    """Wall time of a fresh process running the study (imports and first evaluations included)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--run", url, "--trials", str(n_trials), "--workers", str(workers)],
+                   check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--run", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        n = run_search(args.child, args.trials)
-        print(f"  worker {os.getpid()}: {n} trials", flush=True)
+    if args.run:
+        run_study_like(args.run, args.trials, args.workers)
         return
-
-    t = time.perf_counter()
-    f = objective_factory()
-    f({"step_us_const": 0.0, "per_layer_us": 100.0})
-    t1 = time.perf_counter()
-    f({"step_us_const": 300.0, "per_layer_us": 90.0})
-    print(f"objective: first evaluation {t1 - t:.3f} s, then {time.perf_counter() - t1:.3f} s; "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes skew the ratio)")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes skew the ratio)")
     with tempfile.TemporaryDirectory() as tmp:
         serial_url, parallel_url = f"journal:{tmp}/serial.journal", f"journal:{tmp}/parallel.journal"
-        t0 = time.perf_counter()
-        run_search(serial_url, args.trials)
-        serial = time.perf_counter() - t0
+        serial = timed_run(serial_url, args.trials, 1)
         print(f"serial   : {serial:7.2f} s  {dict(counts(serial_url))}")
-
-        t0 = time.perf_counter()
-        children = [subprocess.Popen([sys.executable, __file__, "--child", parallel_url, "--trials", str(args.trials)])
-                    for _ in range(args.workers - 1)]
-        n_lead = run_search(parallel_url, args.trials)
-        for c in children:
-            c.wait()
-        parallel = time.perf_counter() - t0
-        print(f"  lead {os.getpid()}: {n_lead} trials")
+        parallel = timed_run(parallel_url, args.trials, args.workers)
         print(f"parallel : {parallel:7.2f} s  {dict(counts(parallel_url))}  ({args.workers} workers)")
     print(f"ratio parallel/serial = {parallel / serial:.3f}  (target <= 0.65 with 2 workers on 2 cores; "
           f"{os.cpu_count()} CPUs here, load average now {os.getloadavg()[0]:.2f})")

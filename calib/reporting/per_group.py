@@ -67,5 +67,6 @@ def write(r: dict, out: Path) -> list[Path]:
         ax.set_ylabel("held-out TPOT MAPE (%)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{r['study']} ({r['mode']} mode): held-out TPOT per fold; numbers: train optimum (µs)", fontsize=10)
+    fig.tight_layout()
     save(fig, out / "heldout_per_fold.png")
     return [out / "REPORT.md", out / "heldout_per_fold.png"]

@@ -45,11 +45,18 @@ def write(r: dict, out: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     combos = [(s["lengths"], s["tpot_definition"]) for s in r["summary"]]
-    for (ln, d), mk in zip(combos, "osD^v<>"):
-        rs = sorted([x for x in r["runs"] if x["lengths"] == ln and x["tpot_definition"] == d], key=lambda x: x["seed"])
-        seeds = [x["seed"] for x in rs]
-        axes[0].plot(seeds, [x["optimum_us"] for x in rs], marker=mk, linestyle="-", label=f"{ln}, {d}")
-        axes[1].plot(seeds, [100 * x["tpot_mape"]["optimum"]["test"] for x in rs], marker=mk, label=f"{ln}, {d}")
+    seeds = r["settings"]["seeds"]["request_seeds"]  # in study-file order, evenly spaced (seeds are labels)
+    pos = {s: i for i, s in enumerate(seeds)}
+    for k, ((ln, d), mk) in enumerate(zip(combos, "osD^v<>")):
+        rs = sorted([x for x in r["runs"] if x["lengths"] == ln and x["tpot_definition"] == d],
+                    key=lambda x: pos[x["seed"]])
+        xs = [pos[run["seed"]] + 0.06 * (k - (len(combos) - 1) / 2) for run in rs]
+        axes[0].plot(xs, [run["optimum_us"] for run in rs], marker=mk, linestyle=":", label=f"{ln}, {d}")
+        axes[1].plot(xs, [100 * run["tpot_mape"]["optimum"]["test"] for run in rs], marker=mk, linestyle=":",
+                     label=f"{ln}, {d}")
+    for ax in axes:
+        ax.set_xticks(range(len(seeds)))
+        ax.set_xticklabels([str(s) for s in seeds])
     for c in r["criteria_spec"]:
         if c["quantity"] == "test" and c["metric"] == "tpot_mape":
             axes[1].axhline(100 * c["threshold"], color="k", linestyle=":", label=f"{c['name']} threshold")

@@ -137,20 +137,7 @@ def _closest_rows(queries, cols, *, among=None, floor_first=False) -> np.ndarray
     union of last-coordinate values serves every group, and queries go in blocks
     so the temporaries stay in cache.
     """
-    rows = np.arange(cols[0].size) if among is None else np.flatnonzero(among)
-    line = cols[-1]
-    union = np.unique(line[rows])
-    keys = np.stack([c[rows] for c in cols[:-1]], axis=1) if len(cols) > 1 else np.zeros((rows.size, 0))
-    groups = []
-    for key in np.unique(keys, axis=0):
-        members = rows[(keys == key).all(axis=1)]
-        members = members[np.argsort(line[members], kind="stable")]
-        # for union position u (u = -1: below every value), the group's neighbours of union[u]
-        below = np.append(np.searchsorted(line[members], union, side="right") - 1, -1)
-        above = np.minimum(below + 1, members.size - 1)
-        has_below = below >= 0
-        below = np.maximum(below, 0)
-        groups.append((key, has_below, line[members][below], members[below], line[members][above], members[above]))
+    union, groups = _row_groups(cols, among)
 
     def search(q_head, q_line, floor):
         u = np.searchsorted(union, q_line, side="right") - 1
@@ -178,6 +165,40 @@ def _closest_rows(queries, cols, *, among=None, floor_first=False) -> np.ndarray
             idx = search(qh, ql, floor=False).row
         out[s : s + _BLOCK] = idx
     return out
+
+
+_GROUPS: dict = {}
+
+
+def _row_groups(cols, among):
+    """The per-group neighbour tables of :func:`_closest_rows`, built once per (table columns, mask).
+
+    Keyed on the columns' contents (tables are small), so equal tables share an entry.
+    """
+    key = (tuple(np.ascontiguousarray(c).tobytes() for c in cols),
+           None if among is None else np.asarray(among, bool).tobytes())
+    hit = _GROUPS.get(key)
+    if hit is not None:
+        return hit[1], hit[2]
+    rows = np.arange(cols[0].size) if among is None else np.flatnonzero(among)
+    line = cols[-1]
+    union = np.unique(line[rows])
+    keys = np.stack([c[rows] for c in cols[:-1]], axis=1) if len(cols) > 1 else np.zeros((rows.size, 0))
+    groups = []
+    for gkey in np.unique(keys, axis=0):
+        members = rows[(keys == gkey).all(axis=1)]
+        members = members[np.argsort(line[members], kind="stable")]
+        # for union position u (u = -1: below every value), the group's neighbours of union[u]
+        below = np.append(np.searchsorted(line[members], union, side="right") - 1, -1)
+        above = np.minimum(below + 1, members.size - 1)
+        has_below = below >= 0
+        below = np.maximum(below, 0)
+        groups.append((gkey, has_below, line[members][below], members[below], line[members][above],
+                       members[above]))
+    if len(_GROUPS) > 4096:
+        _GROUPS.clear()
+    _GROUPS[key] = (None, union, groups)
+    return union, groups
 
 
 class _Best:
@@ -504,7 +525,7 @@ def _columns(raw: Mapping[str, Sequence], names: Sequence[str], file, where: str
             bad |= (floats < 0) | (floats > 1)
             expect = "a number in [0, 1]"
         else:
-            bad |= (floats <= 0) | (floats != np.round(floats))
+            bad |= (floats <= 0) | (floats != np.round(floats)) | (floats > 2**62)  # > 2**62: no int64
             expect = "a positive integer"
         if bad.any():
             i = int(np.argmax(bad))

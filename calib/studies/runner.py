@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | Non
                      workers=workers, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     if workers > 1:
         check_shareable(ctx.url)
-    ctx.storage  # noqa: B018 - open (and validate) the storage before any worker starts
+    storage = ctx.storage  # open (and so validate) the storage before any worker starts
+    if workers > 1 and hasattr(storage, "engine"):
+        storage.engine.dispose()  # forked workers must not inherit this process's database connections
     with recording() as log:
         if workers > 1:
             from calib.studies.workers import WorkerPool
@@ -104,6 +107,9 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | Non
                 results = KINDS[spec.kind].run(spec, ctx)
         else:
             results = KINDS[spec.kind].run(spec, ctx)
+    if workers > 1 and not log:
+        print(f"calib: note: study kind {spec.kind!r} has no search that workers share; the {workers - 1} extra "
+              "worker(s) repeated the lead's work", file=sys.stderr)
     _record_samplers(results, log)
     write_results(results, ctx.out_dir)
     if report:

@@ -491,6 +491,12 @@ def _suggest(trial: optuna.trial.Trial, name: str, dist: BaseDistribution) -> An
     raise StudyError(f"unsupported distribution {type(dist).__name__}", field=name)
 
 
+def _tpe_sampler(seed: int, options: Mapping[str, Any]) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, **options)
+
+
 def _derive_seed(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
 
@@ -516,7 +522,7 @@ def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistributio
         n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
         others = any(t.state == TrialState.RUNNING and t.number != trial.number for t in trials)
         key = (seed, n_complete, trial.number) if others else (seed, n_complete)
-        study.sampler = optuna.samplers.TPESampler(seed=_derive_seed(*key), **options)
+        study.sampler = _tpe_sampler(_derive_seed(*key), options)
         params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
         result, attrs = objective(params)
         values = _values(result, len(study.directions))
@@ -592,7 +598,7 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
     if "seed" in options:
         raise StudyError("give the seed as the 'seed' argument", field="sampler_options.seed")
     storage = _as_storage(storage)
-    study = _open_study(study_name, storage, directions, optuna.samplers.TPESampler(seed=int(seed), **options))
+    study = _open_study(study_name, storage, directions, _tpe_sampler(int(seed), options))
     entry = _record({"study": study_name, "sampler": "TPESampler", "seed": int(seed), "trials": n_trials,
                      "evaluated": 0})
     backoff, stale, failures = _Backoff(), _StaleCheck(study, storage), 0

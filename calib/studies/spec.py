@@ -102,7 +102,7 @@ def parse_study(data: Any, source: str | Path = "<study>") -> StudyBase:
         raise StudyError("a study file must be a mapping at top level", file=source)
     kinds = _kinds()
     kind = data.get("kind")
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise StudyError(f"unknown study kind {kind!r}; known: {', '.join(sorted(kinds))}", file=source, field="kind")
     try:
         return kinds[kind].schema.model_validate(data)

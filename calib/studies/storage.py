@@ -227,6 +227,26 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_trial_callback
 
 
+def _fast_sqlite(engine) -> None:
+    """Write-ahead log and ``synchronous=NORMAL`` for SQLite: about half the cost of a trial's commits.
+
+    A commit is then durable against a crashed or killed process (the case
+    that matters for resuming), not against a power cut in the last second.
+    """
+    import sqlalchemy
+
+    def pragmas(dbapi_conn, record) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    sqlalchemy.event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections opened while the tables were made get the pragmas too
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
         raise StudyError(f"must be a whole number of seconds >= 1, got {value!r}", field=name)
@@ -282,8 +302,11 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
             kwargs["pool_pre_ping"] = True  # a database server restart does not break a long study
         for attempt in range(3):
             try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,
-                                                  grace_period=grace, heartbeat_stale_trial_callback=retry)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,
+                                                     grace_period=grace, heartbeat_stale_trial_callback=retry)
+                if url.startswith("sqlite"):
+                    _fast_sqlite(storage.engine)
+                return storage
             except ImportError as exc:
                 raise StudyError(f"cannot open storage {mask_url(url)}: missing database driver "
                                  f"({scrub(str(exc), url)})", field="storage") from None

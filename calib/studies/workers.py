@@ -1,24 +1,30 @@
 """Worker processes that share one study.
 
-``calib study run STUDY --workers N`` starts ``N - 1`` processes running
-``calib study worker STUDY`` on the lead's storage (by default the journal
-file ``optuna.journal`` in the output folder) and works as the N-th itself.
-Every worker runs the study's code; the searches of
-:mod:`calib.studies.search` hand each trial to one worker, and a worker's
-search returns when the whole search is complete, so all workers move through
-the phases of a study together.
+``calib study run STUDY --workers N`` starts ``N - 1`` worker processes on the
+lead's storage (by default the journal file ``optuna.journal`` in the output
+folder) and works as the N-th itself.  Every worker runs the study's code;
+the searches of :mod:`calib.studies.search` hand each trial to one worker, and
+a worker's search returns when the whole search is complete, so all workers
+move through the phases of a study together.
 
-The storage URL reaches a worker through the environment variable
-``CALIB_STORAGE``, never on its command line (where ``ps`` would show a
-password).  A worker stops cleanly on SIGTERM or SIGINT: the trial it was
-evaluating is marked ``FAIL`` (and evaluated again by another worker or by the
-next run).  A worker killed outright (SIGKILL, a lost machine) leaves its trial
-``RUNNING``; its heartbeat stops, and after the storage's grace period any
-worker fails the trial and re-runs a copy.
+On Linux the local workers are forked from the lead once it has imported
+everything (they start in milliseconds); elsewhere, or with
+``start_method="spawn"``, each is a fresh ``calib study worker`` process (a
+few seconds of imports).  A worker on another machine is always the latter:
+``calib study worker STUDY --storage URL``, where the URL may also come from
+the environment variable ``CALIB_STORAGE`` (``ps`` shows command lines, and
+so a password in them).
+
+A worker stops cleanly on SIGTERM or SIGINT: the trial it was evaluating is
+marked ``FAIL`` (and evaluated again by another worker or by the next run).  A
+worker killed outright (SIGKILL, a lost machine) leaves its trial ``RUNNING``;
+its heartbeat stops, and after the storage's grace period any worker fails the
+trial and re-runs a copy.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -30,6 +36,8 @@ __all__ = ["STORAGE_ENV", "WorkerStopped", "WorkerPool", "worker_command", "stop
 
 #: Environment variable holding the storage URL of ``calib study worker`` (when ``--storage`` is not given).
 STORAGE_ENV = "CALIB_STORAGE"
+#: Exit status of a worker stopped by SIGINT (like a shell's 128 + 2).
+INTERRUPTED = 130
 
 
 class WorkerStopped(BaseException):
@@ -47,7 +55,7 @@ def stop_on_sigterm(exc: type[BaseException] = WorkerStopped) -> None:
 
 def worker_command(study_file: str | Path, *, heartbeat_interval: int | None = None,
                    grace_period: int | None = None, python: str | None = None) -> list[str]:
-    """The command line of one local worker (the storage URL goes in ``CALIB_STORAGE``).
+    """The command line of one worker process (the storage URL goes in ``CALIB_STORAGE``).
 
     Examples
     --------
@@ -63,6 +71,52 @@ def worker_command(study_file: str | Path, *, heartbeat_interval: int | None = N
     return argv
 
 
+def _forked_worker(study_file: str, storage_url: str, heartbeat_interval: int | None, grace_period: int | None,
+                   quiet: bool) -> None:
+    """Body of a forked worker: join the study; exit 0 when done or stopped, 130 on SIGINT, 2 on a CalibError."""
+    from calib.errors import CalibError
+    from calib.studies.runner import run_worker
+
+    stop_on_sigterm(WorkerStopped)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if quiet:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        done = run_worker(study_file, storage_url, progress=False, heartbeat_interval=heartbeat_interval,
+                          grace_period=grace_period)
+        print(f"worker {done['worker']}: {done['evaluated']} trial(s) evaluated", flush=True)
+    except WorkerStopped:
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)
+    except CalibError as exc:
+        print(f"calib worker {os.getpid()}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Forked:
+    """The ``subprocess.Popen`` interface the pool uses, for a forked :class:`multiprocessing.Process`."""
+
+    def __init__(self, proc: mp.Process) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+
 class WorkerPool:
     """``n`` local worker processes on one study; a context manager that stops them on exit.
 
@@ -71,50 +125,70 @@ class WorkerPool:
     study_file : str or Path
         The study file every worker runs.
     storage_url : str
-        Storage shared with the lead (journal file, SQLite or a database server).
+        Storage shared with the lead (journal file or a database server).
     n : int
         Number of worker processes.
     heartbeat_interval, grace_period : int, optional
         Passed on to the workers.
     quiet : bool
         Discard the workers' standard output (their errors still reach stderr).
+    start_method : {"auto", "fork", "spawn"}
+        ``fork``: fork the current process (Linux; the workers inherit its
+        imports).  ``spawn``: run ``calib study worker`` processes.  ``auto``:
+        fork on Linux, spawn elsewhere.  Fork before opening a database
+        connection in this process, or dispose of it first.
 
     Attributes
     ----------
-    procs : list of subprocess.Popen
-        The worker processes.
+    procs : list
+        The worker processes (``subprocess.Popen``-like: ``pid``, ``poll()``, ``wait()``).
     """
 
     def __init__(self, study_file: str | Path, storage_url: str, n: int, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, quiet: bool = True) -> None:
-        self.argv = worker_command(study_file, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                 grace_period: int | None = None, quiet: bool = True, start_method: str = "auto") -> None:
+        if start_method not in ("auto", "fork", "spawn"):
+            raise ValueError(f"start_method must be auto, fork or spawn, got {start_method!r}")
+        if start_method == "auto":
+            start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+        self.study_file = str(Path(study_file).resolve())
         self.storage_url = storage_url
         self.n = int(n)
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.quiet = quiet
-        self.procs: list[subprocess.Popen] = []
-        self._stopped: set[int] = set()
+        self.start_method = start_method
+        self.procs: list = []
 
     def start(self) -> "WorkerPool":
+        if self.start_method == "fork":
+            ctx = mp.get_context("fork")
+            for _ in range(self.n):
+                p = ctx.Process(target=_forked_worker, name="calib-worker",
+                                args=(self.study_file, self.storage_url, self.heartbeat_interval,
+                                      self.grace_period, self.quiet))
+                p.start()
+                self.procs.append(_Forked(p))
+            return self
         env = dict(os.environ)
         env[STORAGE_ENV] = self.storage_url
         src = str(Path(__file__).resolve().parents[2])  # calib importable even when not installed
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
         out = subprocess.DEVNULL if self.quiet else None
+        argv = worker_command(self.study_file, heartbeat_interval=self.heartbeat_interval,
+                              grace_period=self.grace_period)
         for _ in range(self.n):
-            self.procs.append(subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out))
+            self.procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out))
         return self
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def alive(self) -> list[subprocess.Popen]:
+    def alive(self) -> list:
         return [p for p in self.procs if p.poll() is None]
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the running workers, wait up to ``timeout`` s, then SIGKILL what is left."""
         for p in self.alive():
-            self._stopped.add(p.pid)
             try:
                 p.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -128,11 +202,11 @@ class WorkerPool:
                 p.wait()
 
     def failures(self) -> list[tuple[int, int]]:
-        """``(pid, status)`` of workers that ended on their own with an error (not stopped by the pool)."""
+        """``(pid, status)`` of workers that ended with an error (not stopped by a signal or the pool)."""
         out = []
         for p in self.procs:
             code = p.poll()
-            interrupted = code in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+            interrupted = code in (INTERRUPTED, 143, -signal.SIGINT, -signal.SIGTERM)
             if code not in (None, 0) and not interrupted:
                 out.append((p.pid, code))
         return out
@@ -145,5 +219,5 @@ class WorkerPool:
         # Ctrl-C they close their running trial (FAIL) and the next run resumes.
         self.stop()
         for pid, code in self.failures():
-            print(f"calib: worker {pid} exited with status {code}; a trial it left unfinished was re-run",
-                  file=sys.stderr)
+            print(f"calib: worker {pid} exited with status {code}; a trial it left unfinished is re-run by "
+                  "the others or the next run", file=sys.stderr)

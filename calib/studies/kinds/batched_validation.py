@@ -64,7 +64,7 @@ def _check_physics(v: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown physics parameter {unknown[0]!r}; known: {', '.join(sorted(_PHYSICS_KEYS))}")
     try:
         physics_options(v)
-    except CalibError as exc:
+    except (CalibError, TypeError) as exc:  # TypeError: e.g. a list where a name belongs
         raise ValueError(str(exc)) from None
     return v
 

@@ -223,7 +223,6 @@ def run(spec: OverheadModelsSchema, ctx: RunContext) -> dict:
         return early
     X = load_experiments(spec.dataset)
     src = ctx.study_file
-    names = [str(i) for i in X.index]
     # every check first, then the work
     schemes: dict[str, list[Fold]] = {}
     lofo_key = None
