@@ -73,10 +73,13 @@ def group_table(groups_by_label: dict) -> str:
             mape = agg["mape"]
             verdict = ("all targets met" if agg["targets"]["all"] else "missed") if g == "dense" else \
                 ("(reported apart)" if g == "overloaded" else ("all targets met" if agg["targets"]["all"] else "missed"))
+            calm = agg.get("mape_without_runaway")
+            calm_txt = (f"{pct(calm['tpot_mean_ms'])} / {pct(calm['e2e_mean_ms'])} / {pct(calm['ttft_mean_ms'])} "
+                        f"({agg['n_runs_without_runaway']} runs)") if calm else "—"
             rows.append([label, g, agg["n_runs"], *[pct(mape[k]) for k in APE_KEYS],
-                         ", ".join(short(r) for r in agg.get("runaway_runs", [])) or "none", verdict])
+                         ", ".join(short(r) for r in agg.get("runaway_runs", [])) or "none", calm_txt, verdict])
     return md_table(["calibration", "runs", "n", *[f"{APE_NAMES[k]} MAPE" for k in APE_KEYS], "runaway runs",
-                     "verdict"], rows)
+                     "TPOT / E2E / TTFT MAPE without runaway runs", "verdict"], rows)
 
 
 def stage_table(entries: Sequence[dict]) -> str:

@@ -22,13 +22,17 @@ def mode_line(r: dict) -> str:
             " Errors are APEs of experiment means; MAPEs are means over experiments.")
 
 
+def _text(v) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
 def settings_section(r: dict) -> list[str]:
     """The 'rerun exactly' section: sampler, seeds, trials, storage, then every setting as JSON."""
     s = r["settings"]
     lines = ["## Settings (to rerun exactly)", "",
              f"- sampler: {s.get('sampler')}",
              f"- seeds: {json.dumps(s.get('seeds', {'request_seed': s.get('request_seed')}), sort_keys=True)}",
-             f"- trials: {s.get('trials', 'exhaustive grid')}",
+             f"- trials: {_text(s.get('trials', 'exhaustive grid'))}",
              f"- storage: {s.get('storage')} (Optuna study names below; a rerun on the same storage resumes)",
              f"- rerun: `calib study run studies/{s.get('study_file')}`", "", "```json",
              json.dumps(s, indent=2, sort_keys=True), "```", ""]

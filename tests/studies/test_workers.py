@@ -99,12 +99,18 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.005):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def held_value(t, param: str = "per_layer_overhead_us"):
+    """The grid value a trial holds: queued (``fixed_params``) or taken (``params``)."""
+    return (t.system_attrs.get("fixed_params") or {}).get(param, t.params.get(param))
+
+
 def running_trial_of(url: str, pid: int, with_params: bool = False):
-    """A RUNNING trial evaluated by process ``pid`` (``(study, trial)``), or None."""
+    """A RUNNING trial evaluated by process ``pid`` that holds its point (``(study, trial)``), or None."""
     st = open_storage(url)
     for s in st.get_all_studies():
         for t in st.get_all_trials(s._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if str(t.system_attrs.get("calib:worker", "")).endswith(f":{pid}") and (t.params or not with_params):
+            holds = t.params if with_params else (t.params or t.system_attrs.get("fixed_params"))
+            if str(t.system_attrs.get("calib:worker", "")).endswith(f":{pid}") and holds:
                 return s, t
     return None
 
@@ -194,9 +200,9 @@ def test_worker_killed_mid_trial_is_detected_and_its_trial_rerun(reference, tmp_
     after = {t.number: t for t in trials}
     assert after[killed.number].state == TrialState.FAIL  # failed as stale by a live worker...
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
-    value = killed.system_attrs["fixed_params"]["per_layer_overhead_us"]
+    value = held_value(killed)
     assert any(t.state == TrialState.COMPLETE for t in retries)  # ... and its copy re-run
-    assert [t.params["per_layer_overhead_us"] for t in retries if t.state == TrialState.COMPLETE] == [value]
+    assert [held_value(t) for t in retries if t.state == TrialState.COMPLETE] == [value]
     print(f"\nreliability: 1 worker killed (SIGKILL) mid-trial {phase}#{killed.number} "
           f"({value:g} us); {len(retries)} retry, recovered and study complete {time.monotonic() - t_kill:.1f} s "
           f"later; trial states {dict(states)}")

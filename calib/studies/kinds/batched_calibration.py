@@ -49,7 +49,8 @@ from calib.studies.search import tpe_search
 from calib.studies.kinds.batched_validation import (Calibration, CalibrationSpec, LoadedData, RunData, _check_physics,
                                                     aggregate, describe_physics, evaluate_calibration,
                                                     group_summaries, load_runs, output_rule_text, physics_options,
-                                                    replay, resolve_calibration, run_entry, settings_block, supports)
+                                                    replay, resolve_calibration, run_entry, settings_block, supports,
+                                                    without_scatter)
 from calib.studies.spec import Strict, StudyBase
 
 KIND = "batched_calibration"
@@ -374,7 +375,7 @@ def final_fit(ctx: RunContext, name: str, runs: Sequence[RunData], base_physics:
     entries = evaluate_calibration(cal, others, _Spec(hardware, scatter_points))
     return {"physics": describe_physics(options), "overhead_model": overhead.name, "overhead_params": overhead.params,
             "request_latency_ms": latency, "best_trial": best["index"], "train_loss": best["loss"],
-            "text": cal.summary_text(), "runs": entries, "groups": group_summaries(entries)}
+            "text": cal.summary_text(), "runs": without_scatter(entries), "groups": group_summaries(entries)}
 
 
 class _Spec:
@@ -391,7 +392,7 @@ def baseline_entries(spec_baseline: CalibrationSpec | None, runs: Sequence[RunDa
         return None
     cal = resolve_calibration(spec_baseline, ctx)
     entries = evaluate_calibration(cal, runs, _Spec(hardware, scatter_points))
-    return {"calibration": cal.describe(), "text": cal.summary_text(), "runs": entries,
+    return {"calibration": cal.describe(), "text": cal.summary_text(), "runs": without_scatter(entries),
             "groups": group_summaries(entries)}
 
 
@@ -433,11 +434,13 @@ def run(spec: BatchedCalibrationSchema, ctx: RunContext) -> dict:
         "physics": describe_physics(physics_options(base)),
         "best_model": best,
         "ranking": [{"overhead_model": m, "heldout_loss": models[m]["heldout_loss"],
-                     "heldout_mape": models[m]["overall"].get("mape"), "worst_fold": models[m]["worst_fold"],
+                     "heldout_mape": models[m]["overall"].get("mape"),
+                     "heldout_mape_without_runaway": models[m]["overall"].get("mape_without_runaway"),
+                     "worst_fold": models[m]["worst_fold"],
                      "runaway_runs": models[m]["overall"].get("runaway_runs", [])} for m in ranking],
         "runs": models[best]["runs"],
         "overall": models[best]["overall"],
-        "models": models,
+        "models": {m: {**v, "runs": without_scatter(v["runs"])} for m, v in models.items()},
         "final_fit": final,
         "baseline": baseline,
         "output_rule": output_rule_text(runs),

@@ -49,7 +49,7 @@ from calib.studies.kinds.batched_calibration import (REPLAY_PARAMS, Objective, S
                                                      final_fit, parse_space, split_params, study_key, tpe)
 from calib.studies.kinds.batched_validation import (LoadedData, RunData, _check_physics, describe_physics,
                                                     load_runs, output_rule_text, physics_options, settings_block,
-                                                    step_model, supports)
+                                                    step_model, supports, without_scatter)
 from calib.studies.spec import Strict, StudyBase
 
 KIND = "physics"
@@ -283,11 +283,6 @@ def _fold_setting(cv: dict, model: str) -> tuple[dict, str, dict] | None:
     return None
 
 
-def _strip(entries: Sequence[dict]) -> list[dict]:
-    """Entries without the scatter samples (the physics report does not plot them)."""
-    return [{k: v for k, v in e.items() if k != "scatter"} for e in entries]
-
-
 # ======================================================================================= run
 
 
@@ -310,7 +305,7 @@ def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
             "label": cand.label, "variant": cand.variant, "description": cand.description,
             "physics": dict(cand.physics), "overhead_model": cand.overhead_model,
             "search_space": {k: _space_text(v) for k, v in space.items()},
-            "loaded": {**{k: v for k, v in loaded.items() if k != "runs"}, "runs": _strip(loaded["runs"])},
+            "loaded": {**{k: v for k, v in loaded.items() if k != "runs"}, "runs": without_scatter(loaded["runs"])},
             "synchronous": sync,
             "score": 0.5 * (loaded["heldout_loss"] + sync["heldout_loss"]),
         }
@@ -327,7 +322,7 @@ def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
                          spec.cached_prefill_pi, "all")
         fit = final_fit(ctx, f"{spec.name}-{cand.label}", runs, dict(cand.physics), cand.overhead_model, space,
                         spec.loaded, spec.objective, spec.hardware, spec.scatter_points, fkey)
-        fit["runs"] = _strip(fit["runs"])
+        fit["runs"] = without_scatter(fit["runs"])
         results[cand.label]["final_fit"] = fit
     profiles = decode_profiles(spec, runs, results)
     ranking = [{
@@ -336,6 +331,7 @@ def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
         "fixed_physics": results[lab]["physics"], "score": results[lab]["score"],
         "loaded_heldout_loss": results[lab]["loaded"]["heldout_loss"],
         "loaded_heldout_mape": results[lab]["loaded"]["overall"].get("mape"),
+        "loaded_heldout_mape_without_runaway": results[lab]["loaded"]["overall"].get("mape_without_runaway"),
         "loaded_worst_fold": results[lab]["loaded"]["worst_fold"],
         "loaded_runaway_runs": results[lab]["loaded"]["overall"].get("runaway_runs", []),
         "sync_heldout_loss": results[lab]["synchronous"]["heldout_loss"],
