@@ -136,7 +136,8 @@ def bench_overhead_models(mode: str, tmp: Path, quick: bool) -> None:
     trials = sum(s["trials"] for s in r["settings"]["samplers"] if s["sampler"].startswith("TPE"))
     pool = sum(s["trials"] for s in r["settings"]["samplers"] if not s["sampler"].startswith("TPE"))
     print(f"   total (all models, both schemes):        {total}   [target < 10 min]")
-    print(f"   TPE trials: {trials} ({stats['n']} replayed, the rest repeated points); pool candidates: {pool}")
+    print(f"   TPE trials: {trials} ({stats['n']} replayed, {trials - stats['n']} repeated points answered from "
+          f"memory); pool candidates replayed on all 13: {pool}")
     if stats["n"]:
         print(f"   per trial: replay of the train experiments {1e3 * stats['wall'] / stats['n']:7.1f} ms")
     print("   ranking (held-out TPOT MAPE, leave one family out / all splits):")

@@ -209,12 +209,13 @@ class _Heartbeat:
 
 
 class _DeferSignals:
-    """Hold SIGINT/SIGTERM back while a trial is popped and its first heartbeat written.
+    """Hold SIGINT/SIGTERM back while a trial is popped and its first heartbeat written, or marked FAIL.
 
     A trial interrupted between ``ask`` and its first heartbeat would stay
-    ``RUNNING`` for ever in an RDB storage (no heartbeat, never stale).  The
-    signal is delivered again by :meth:`release`, inside the code that marks
-    the trial ``FAIL``.
+    ``RUNNING`` for ever in an RDB storage (no heartbeat, never stale); there
+    the signal is delivered again by :meth:`release`, inside the code that
+    marks the trial ``FAIL``.  While a trial is being marked ``FAIL`` (after a
+    first signal), a second one is dropped.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -293,7 +294,8 @@ def _claimed_trial(study: optuna.Study, storage) -> Iterator[optuna.trial.Trial]
         study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
         yield trial
     except BaseException:
-        _tell_fail(study, trial)
+        with _DeferSignals():  # a second signal (Ctrl-C, then the lead's SIGTERM) must not stop the cleanup
+            _tell_fail(study, trial)
         raise
     finally:
         beat.stop()
