@@ -131,7 +131,8 @@ def write(r: dict, out: Path) -> list[Path]:
     ax.set_xlabel("gap: test − train TPOT MAPE at the train optimum (pp)")
     ax.set_ylabel("splits")
     ax.set_title(f"{r['study']}: {len(gaps)} splits ({r['mode']} mode); dotted: criteria thresholds")
-    ax.legend(fontsize=8)
+    if pub:
+        ax.legend(fontsize=8)
     save(fig, out / "gap_histogram.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
