@@ -53,7 +53,8 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     if base:
         g = base["groups"]["dense"]
         m = g.get("mape") or {}
-        rows.append([f"*synchronous only: {base['calibration']['label']}*", f"{base.get('heldout_loss', float('nan')):.3f}",
+        rows.append([f"*synchronous only: {base['calibration']['label']}*",
+                     f"{base.get('heldout_loss', float('nan')):.3f}",
                      *[pct(m.get(k)) for k in APE_KEYS], "—",
                      ", ".join(short(u) for u in g.get("runaway_runs", [])) or "none",
                      calm(g.get("mape_without_runaway"))])
@@ -70,8 +71,8 @@ def write(results: dict, out_dir: Path) -> list[Path]:
         for f in mdl["folds"]:
             hm = f["heldout_mape"]
             lat = f.get("request_latency_ms") or 0.0
-            frows.append([f["heldout_model"], _params(f["overhead_params"]) + (f"; request latency {lat:.3g} ms"
-                                                                               if lat else ""), f"{f['train_loss']:.3f}",
+            fitted = _params(f["overhead_params"]) + (f"; request latency {lat:.3g} ms" if lat else "")
+            frows.append([f["heldout_model"], fitted, f"{f['train_loss']:.3f}",
                           f"{f['heldout_loss']:.3f}", *[pct(hm.get(k)) for k in APE_KEYS]])
         lines += [f"**{name}** (search space {json.dumps(mdl.get('search_space', {}))})", "",
                   md_table(["held-out model", "fitted parameters", "train loss (windowed)", "held-out loss",
@@ -80,7 +81,8 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     lines += [f"## 3. Per run — `{best}` (held out) ", "", runs_table(r["runs"], show_calibration=True), "",
               "![E2E per request](e2e_scatter_best.png)", "", "![APE per run](ape_per_run.png)", ""]
     if base:
-        lines += [f"### Per run — synchronous only (`{base['calibration']['label']}`)", "", runs_table(base["runs"]), ""]
+        lines += [f"### Per run — synchronous only (`{base['calibration']['label']}`)", "", runs_table(base["runs"]),
+                  ""]
     lines += [f"## 4. Per load stage — `{best}` (measured / predicted, ms)", "",
               stage_table([e for e in r["runs"] if e.get("stages")]), ""]
     lines += [f"## 5. What the remaining error is made of — `{best}`", ""] + diagnosis_lines(r["runs"])

@@ -71,8 +71,8 @@ def group_table(groups_by_label: dict) -> str:
             if not agg.get("n_runs"):
                 continue
             mape = agg["mape"]
-            verdict = ("all targets met" if agg["targets"]["all"] else "missed") if g == "dense" else \
-                ("(reported apart)" if g == "overloaded" else ("all targets met" if agg["targets"]["all"] else "missed"))
+            met = "all targets met" if agg["targets"]["all"] else "missed"
+            verdict = "(reported apart)" if g == "overloaded" else met
             calm = agg.get("mape_without_runaway")
             calm_txt = (f"{pct(calm['tpot_mean_ms'])} / {pct(calm['e2e_mean_ms'])} / {pct(calm['ttft_mean_ms'])} "
                         f"({agg['n_runs_without_runaway']} runs)") if calm else "—"
@@ -224,9 +224,9 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     lines += [md_table(["label", "available", "physics", "overhead", "source", "fitted on"], crow), ""]
     # 2. overall
     lines += ["## 2. Overall (mean APE over runs)", "",
-              "`dense` = the 9 dense non-reasoning runs (the accuracy figures); `moe` = Mixtral (only a step model with "
-              "mixture-of-experts support can replay it); `overloaded` = the reasoning runs, reported apart, never "
-              "averaged in.", "",
+              "`dense` = the 9 dense non-reasoning runs (the accuracy figures); `moe` = Mixtral (only a step model "
+              "with mixture-of-experts support can replay it); `overloaded` = the reasoning runs, reported apart, "
+              "never averaged in.", "",
               group_table({label: c["groups"] for label, c in cals.items()}), ""]
     # 3. per run, primary
     lines += [f"## 3. Per run — `{prim}`", "", runs_table(r["runs"]), "",
@@ -235,8 +235,8 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     for label, c in cals.items():
         if label == prim or not c["calibration"]["available"]:
             continue
-        lines += [f"### Per run — `{label}`", "", runs_table(c["runs"]), "", f"![E2E per request]({_scatter_name(label)})",
-                  ""]
+        lines += [f"### Per run — `{label}`", "", runs_table(c["runs"]), "",
+                  f"![E2E per request]({_scatter_name(label)})", ""]
     lines += ["![APE per run](ape_per_run.png)", ""]
     # 5. per stage
     lines += [f"## 4. Per load stage — `{prim}` (measured / predicted, ms)", "",
@@ -298,5 +298,6 @@ def _prefix_text(r: dict) -> str:
     for c in r["calibrations"].values():
         for e in c["runs"]:
             if e.get("replay"):
-                return f"{e['replay']['prefix']} (first step of a cached request: PI = {e['replay']['cached_prefill_pi']})"
+                rp = e["replay"]
+                return f"{rp['prefix']} (first step of a cached request: PI = {rp['cached_prefill_pi']})"
     return r["settings"].get("prefix", "n/a")

@@ -40,7 +40,9 @@ Crashes
     failed once its heartbeat is ``grace_period`` seconds old and a copy of it
     is queued and re-run.  Ctrl-C (``KeyboardInterrupt``) or any other
     exception inside a trial marks it ``FAIL`` and propagates; the next run
-    evaluates it again.
+    evaluates it again.  SIGINT and SIGTERM reach a search only in the
+    objective, in a wait or between trials, never inside Optuna's storage
+    code (see :class:`_Signals`).
 """
 
 from __future__ import annotations
@@ -208,40 +210,66 @@ class _Heartbeat:
             self._thread.join()
 
 
-class _DeferSignals:
-    """Hold SIGINT/SIGTERM back while a trial is popped and its first heartbeat written, or marked FAIL.
+class _Signals:
+    """Deliver SIGINT/SIGTERM to a search only at safe points: in the objective, in a wait, between trials.
 
-    A trial interrupted between ``ask`` and its first heartbeat would stay
-    ``RUNNING`` for ever in an RDB storage (no heartbeat, never stale); there
-    the signal is delivered again by :meth:`release`, inside the code that
-    marks the trial ``FAIL``.  While a trial is being marked ``FAIL`` (after a
-    first signal), a second one is dropped.
+    A signal that lands inside Optuna's storage code can leave a trial
+    ``RUNNING`` with no heartbeat (an RDB trial popped but not yet beating is
+    never found stale) or break the journal file's lock bookkeeping.  So the
+    search loops hold signals back, except inside :meth:`interruptible`
+    sections (the objective, the sleep while other workers run), and deliver
+    a held one with :meth:`deliver` at the top of each loop iteration, where
+    no trial is open.  A signal raises what the process's handler raises
+    (``KeyboardInterrupt`` for Ctrl-C); the trial it interrupts is marked
+    ``FAIL``.  Three signals held at once are delivered at once (an escape
+    hatch from a storage that hangs).  Only handlers set in Python are
+    wrapped, and only in the main thread.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.pending: list[int] = []
+        self.live = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_DeferSignals":
+    def __enter__(self) -> "_Signals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 handler = signal.getsignal(sig)
-                if callable(handler) or handler == signal.default_int_handler:
-                    self._old[sig] = signal.signal(sig, lambda s, f: self.pending.append(s))
+                if callable(handler):
+                    self._old[sig] = handler
+                    signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        self._old = {}
+        old, self._old = self._old, {}
+        if exc_type is None and self.pending and self.pending[0] in old:
+            sig, self.pending = self.pending[0], []
+            old[sig](sig, None)  # the search is complete; stop now as asked
 
-    def release(self) -> None:
-        """Deliver a held signal (raises whatever its handler raises)."""
-        for sig in dict.fromkeys(self.pending):
-            self.pending = []
-            signal.raise_signal(sig)
+    def _handle(self, sig: int, frame) -> None:
+        self.pending.append(sig)
+        if self.live or len(self.pending) >= 3:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Raise for a held signal, if any."""
+        if self.pending:
+            sig, self.pending = self.pending[0], []
+            self.live = False
+            self._old[sig](sig, None)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.live = True
+        try:
+            self.deliver()
+            yield
+        finally:
+            self.live = False
 
 
 def _ask(study: optuna.Study) -> optuna.trial.Trial:
@@ -286,16 +314,14 @@ def _finish(study: optuna.Study, trial, values, attrs: Mapping[str, Any]) -> boo
 @contextlib.contextmanager
 def _claimed_trial(study: optuna.Study, storage) -> Iterator[optuna.trial.Trial]:
     """Ask for a trial with a heartbeat running; any exception (Ctrl-C too) inside marks it FAIL."""
-    with _DeferSignals() as held:
-        trial = _ask(study)
-        beat = _Heartbeat(storage, trial._trial_id).start()
+    trial = _ask(study)
+    beat = _Heartbeat(storage, trial._trial_id)
     try:
-        held.release()
+        beat.start()
         study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
         yield trial
     except BaseException:
-        with _DeferSignals():  # a second signal (Ctrl-C, then the lead's SIGTERM) must not stop the cleanup
-            _tell_fail(study, trial)
+        _tell_fail(study, trial)
         raise
     finally:
         beat.stop()
@@ -365,7 +391,7 @@ def _free_values(trials: Sequence[FrozenTrial], param: str, wanted: list[float],
 
 
 def _grid_trial(study: optuna.Study, storage, param: str, wanted: list[float],
-                objective: Callable[[float], tuple[float, Mapping[str, Any]]]) -> bool:
+                objective: Callable[[float], tuple[float, Mapping[str, Any]]], signals: _Signals) -> bool:
     """Take one trial and evaluate it unless another trial holds its value; True if evaluated.
 
     A popped queued trial holds its value from its creation on: it yields to a
@@ -400,7 +426,8 @@ def _grid_trial(study: optuna.Study, storage, param: str, wanted: list[float],
             _discard(study, trial, reason, TrialState.PRUNED)
             return False
         x = trial.suggest_float(param, lo, hi)
-        score, attrs = objective(x)
+        with signals.interruptible():
+            score, attrs = objective(x)
         score = float(score)
         if not math.isfinite(score):
             raise StudyError(f"the objective is {score} at {param}={x:g}", field=param)
@@ -450,8 +477,9 @@ def grid_search(study_name: str, storage, param: str, values: Sequence[float],
     entry = _record({"study": study_name, "sampler": "grid", "seed": None, "trials": len(wanted), "evaluated": 0})
     wanted_set = set(wanted)
     backoff, stale = _Backoff(), _StaleCheck(study, storage)
-    with _bar(len(wanted), 0, desc or study_name, progress) as bar:
+    with _bar(len(wanted), 0, desc or study_name, progress) as bar, _Signals() as signals:
         while True:
+            signals.deliver()
             stale()
             trials = study.get_trials(deepcopy=False)
             done = {v for t in trials if t.state == TrialState.COMPLETE and (v := _bound_value(t, param)) in wanted_set}
@@ -470,12 +498,13 @@ def grid_search(study_name: str, storage, param: str, values: Sequence[float],
                     study.enqueue_trial({param: v})
                     waiting = True
             if waiting:
-                if _grid_trial(study, storage, param, wanted, objective):
+                if _grid_trial(study, storage, param, wanted, objective, signals):
                     entry["evaluated"] += 1
                 backoff.reset()
                 continue
             _check_waiting_possible(storage, f"a trial of study {study_name!r}")
-            backoff.wait()
+            with signals.interruptible():
+                backoff.wait()
     done = completed_grid(study, param)
     return {v: done[v] for v in sorted(done) if v in wanted_set}
 
@@ -514,7 +543,7 @@ def _values(result: Any, n: int) -> list[float] | None:
 
 
 def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistribution], objective, n_trials: int,
-               seed: int, options: dict) -> str:
+               seed: int, options: dict, signals: _Signals) -> str:
     """Ask one trial; ``"surplus"``, ``"complete"``, ``"failed"`` (non-finite objective) or ``"dropped"``."""
     with _claimed_trial(study, storage) as trial:
         trials = study.get_trials(deepcopy=False)
@@ -526,7 +555,8 @@ def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistributio
         key = (seed, n_complete, trial.number) if others else (seed, n_complete)
         study.sampler = _tpe_sampler(_derive_seed(*key), options)
         params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
-        result, attrs = objective(params)
+        with signals.interruptible():
+            result, attrs = objective(params)
         values = _values(result, len(study.directions))
         if values is None:
             _tell_fail(study, trial, f"objective returned {result!r}")
@@ -604,8 +634,9 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
     entry = _record({"study": study_name, "sampler": "TPESampler", "seed": int(seed), "trials": n_trials,
                      "evaluated": 0})
     backoff, stale, failures = _Backoff(), _StaleCheck(study, storage), 0
-    with _bar(n_trials, 0, desc or study_name, progress) as bar:
+    with _bar(n_trials, 0, desc or study_name, progress) as bar, _Signals() as signals:
         while True:
+            signals.deliver()
             stale()
             trials = study.get_trials(deepcopy=False)
             n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
@@ -615,9 +646,10 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting and sum(1 for t in trials if t.state in LIVE) >= n_trials:
                 _check_waiting_possible(storage, f"a trial of study {study_name!r}")
-                backoff.wait()
+                with signals.interruptible():
+                    backoff.wait()
                 continue
-            outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options)
+            outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals)
             backoff.reset()
             if outcome == "complete":
                 entry["evaluated"] += 1

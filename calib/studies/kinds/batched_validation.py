@@ -603,9 +603,10 @@ def diagnose(entry: dict) -> list[str]:
         sat = s["saturation"]
         where = f"stage {s['stage']} ({s['rate']:g} req/s)"
         if sat.get("runaway"):
-            out.append(f"{where}: runaway — the replay saturates (mean wait of the last fifth "
-                       f"{sat['predicted_wait_last_ms'] / 1e3:.1f} s, growing {sat['predicted_wait_growth_s_per_s']:.3f}"
-                       f" s/s) while the server stayed stable (TTFT p50 {sat['measured_ttft_p50_last_ms']:.0f} ms): the "
+            wait_s, growth = sat["predicted_wait_last_ms"] / 1e3, sat["predicted_wait_growth_s_per_s"]
+            out.append(f"{where}: runaway — the replay saturates (mean wait of the last fifth {wait_s:.1f} s, "
+                       f"growing {growth:.3f} s/s) while the server stayed stable (TTFT p50 "
+                       f"{sat['measured_ttft_p50_last_ms']:.0f} ms): the "
                        f"predicted step times put the offered load past the simulated capacity "
                        f"(stage TPOT predicted {s['predicted']['tpot']['mean']:.1f} vs measured "
                        f"{s['measured']['tpot']['mean']:.1f} ms)")
