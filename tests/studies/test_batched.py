@@ -120,6 +120,7 @@ def test_validation_end_to_end_and_deterministic(tmp_path, data_dir):
         assert key in e
     assert set(e["ape"]) == {"ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms"}
     assert e["heldout"] is True and "HG1 optimum 60" in r["calibrations"]["hg1-optimum"]["calibration"]["source"]
+    assert e["calibration"].startswith("hg1-optimum: HG1 optimum 60") and "fitted on" in e["calibration"]
     assert e["measured"]["tpot_mean_ms"] == pytest.approx(8.0)  # the output rule restored the short outputs
     # Mixtral: unsupported under v2.3, replayed under v3
     assert by_run["r4-mixtral-codegen"]["supported"] is False and "mixture-of-experts" in by_run[

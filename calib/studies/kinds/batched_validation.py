@@ -695,16 +695,17 @@ def settings_block(spec: LoadedData, ctx: RunContext, runs: Sequence[RunData]) -
 
 
 def evaluate_calibration(cal: Calibration, runs: Sequence[RunData], spec: LoadedData, *,
-                         heldout: bool = True, fitted_note: str | None = None) -> list[dict]:
+                         heldout: bool = True) -> list[dict]:
     """Replay every run under one calibration; one entry per run (unsupported ones without prediction)."""
     entries = []
+    where = f"{cal.label}: {cal.provenance}; fitted on {cal.fitted_on}"
     for rd in runs:
         if not cal.available:
-            entries.append(run_entry(rd, None, cal.label, heldout, note=cal.note))
+            entries.append(run_entry(rd, None, where, heldout, note=cal.note))
             continue
         ok, why = supports(rd.model, cal.options.variant)
         if not ok:
-            entries.append(run_entry(rd, None, cal.label, heldout, note=f"unsupported: {why}"))
+            entries.append(run_entry(rd, None, where, heldout, note=f"unsupported: {why}"))
             continue
         rep = replay(rd, cal.options, cal.overhead, spec.hardware, request_latency_ms=cal.request_latency_ms)
         note = ""
@@ -713,7 +714,7 @@ def evaluate_calibration(cal: Calibration, runs: Sequence[RunData], spec: Loaded
         if rd.group == "overloaded":
             note = (note + "; " if note else "") + (f"overloaded run: {rd.trace.excluded} requests failed on the real "
                                                      "server and are missing from the replayed load")
-        entries.append(run_entry(rd, rep, cal.label, heldout, scatter_points=spec.scatter_points, note=note))
+        entries.append(run_entry(rd, rep, where, heldout, scatter_points=spec.scatter_points, note=note))
     return entries
 
 
