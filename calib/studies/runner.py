@@ -29,7 +29,7 @@ __all__ = ["run_study", "run_worker", "write_results"]
 def write_results(results: dict, out_dir: Path) -> Path:
     """``results.json`` with a fixed layout (same results, same bytes), replaced atomically."""
     path = Path(out_dir) / "results.json"
-    text = json.dumps(results, indent=2, allow_nan=True) + "\n"
+    text = json.dumps(results, indent=1, allow_nan=True) + "\n"  # indent 1 keeps large reports under 2 MB
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:

@@ -48,9 +48,9 @@ Crashes
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
-import datetime
 import os
 import signal
 import socket

@@ -18,11 +18,14 @@ loops of :mod:`calib.studies.search`) marks such a trial ``FAIL`` and Optuna's
 so the trial is re-run by a live worker.  ``RDBStorage`` implements the
 heartbeat itself; for the journal file, :class:`HeartbeatJournalStorage` adds
 it (heartbeats are trial system attributes, times are wall-clock seconds of
-the machine).
+the machine), and calib writes the file under an ``flock`` (see
+:func:`_journal_backend`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import time
 import warnings
@@ -47,6 +50,7 @@ __all__ = [
     "describe_storage",
     "open_storage",
     "mask_url",
+    "scrub",
 ]
 
 #: Seconds between two heartbeats of a worker evaluating a trial.
@@ -247,6 +251,69 @@ def _fast_sqlite(engine) -> None:
     engine.dispose()  # connections opened while the tables were made get the pragmas too
 
 
+class _FlockLock:
+    """An exclusive ``flock`` on ``PATH.flock``: blocking, and released by the kernel when its holder dies."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + ".flock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> "_FlockLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _journal_backend(path: str):
+    """Optuna's journal file, written under an ``flock`` and without ``fsync``.
+
+    Optuna's own file locks (a lock file) make a waiting writer sleep with
+    exponential back-off and outlive a killed holder (10-30 s until they are
+    broken); an ``flock`` wakes the next writer at once and dies with its
+    holder.  Appends are flushed to the kernel but not ``fsync``-ed (Optuna
+    does, at several ms per trial): a killed process loses nothing; a power
+    cut may lose the last trials, which a rerun evaluates again.  Reading is
+    Optuna's (lock-free).  Processes on several machines sharing the file over
+    NFS need working ``flock`` (NFSv4).
+    """
+    import json
+
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalFile(JournalFileBackend):
+        def __init__(self, file_path: str) -> None:
+            self._calib_path = file_path
+            self._calib_lock = _FlockLock(file_path)
+            super().__init__(file_path, lock_obj=self._calib_lock)
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with self._calib_lock, open(self._calib_path, "ab") as fh:
+                fh.write(text.encode("utf-8"))
+
+    return JournalFile(path)
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
         raise StudyError(f"must be a whole number of seconds >= 1, got {value!r}", field=name)
@@ -284,15 +351,11 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
         if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
             path = Path(url.removeprefix("journal:")).expanduser()
             if not path.parent.is_dir():
                 raise StudyError("folder of the journal file does not exist", file=path, field="storage")
             try:
-                # A writer killed while holding the file lock releases it after 10 s.
-                backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path), grace_period=10))
-                return HeartbeatJournalStorage(backend, interval, grace, retry)
+                return HeartbeatJournalStorage(_journal_backend(str(path)), interval, grace, retry)
             except (OSError, ValueError) as exc:
                 raise StudyError(f"cannot open journal file ({exc})", file=path, field="storage") from None
         kwargs: dict[str, Any] = {}

@@ -115,7 +115,7 @@ def running_trial_of(url: str, pid: int, with_params: bool = False):
     return None
 
 
-def kill_mid_trial(url: str, proc, journal: Path, timeout: float = 60.0, with_params: bool = False):
+def kill_mid_trial(url: str, proc, timeout: float = 60.0, with_params: bool = False):
     """SIGKILL ``proc`` while it evaluates a trial (stopped first, so the trial is surely unfinished)."""
     st = open_storage(url)
     deadline = time.monotonic() + timeout
@@ -126,8 +126,7 @@ def kill_mid_trial(url: str, proc, journal: Path, timeout: float = 60.0, with_pa
         if hit is not None:
             os.kill(proc.pid, signal.SIGSTOP)
             trial = st.get_trial(hit[1]._trial_id)
-            lock_held = os.path.lexists(str(journal) + ".lock")
-            if trial.state == TrialState.RUNNING and not lock_held:
+            if trial.state == TrialState.RUNNING:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return hit[0].study_name, trial
@@ -183,7 +182,7 @@ def test_worker_killed_mid_trial_is_detected_and_its_trial_rerun(reference, tmp_
     other = subprocess.Popen(calib_cmd("study", "worker", study, "--no-progress", *FAST),
                              env={**env(), "CALIB_STORAGE": url}, stdout=subprocess.PIPE, text=True)
     try:
-        phase, killed = kill_mid_trial(url, victim, journal)
+        phase, killed = kill_mid_trial(url, victim)
         t_kill = time.monotonic()
         lead = subprocess.run(calib_cmd("study", "run", study, "--out", str(out), "--no-progress", *FAST),
                               env=env(), capture_output=True, text=True, timeout=300)
@@ -272,7 +271,7 @@ def test_tpe_worker_killed_mid_trial_is_rerun_and_the_count_is_exact(tmp_path):
         victim = procs[0]
         victim.poll = lambda: victim.exitcode  # the Popen-like interface kill_mid_trial uses
         victim.wait = victim.join
-        _, killed = kill_mid_trial(url, victim, journal, with_params=True)
+        _, killed = kill_mid_trial(url, victim, with_params=True)
         for p in procs[1:]:
             p.join(120)
             assert p.exitcode == 0
