@@ -39,8 +39,13 @@ class CalibError(Exception):
         super().__init__(self._format())
 
     def _format(self) -> str:
-        parts = [p for p in (self.file, self.field) if p]
-        return ": ".join([*parts, self.message])
+        parts = [_one_line(p) for p in (self.file, self.field) if p]
+        return ": ".join([*parts, _one_line(self.message)])
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters (a user's key may hold a newline) so an error stays on one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class ConfigError(CalibError):

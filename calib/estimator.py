@@ -231,7 +231,13 @@ class RooflineRegressor(RegressorMixin, BaseEstimator):
         key = repr(key)
         rep = _REPLAYS.get(key)
         if rep is None:
-            sm = StepModel.build(str(row["model"]), int(row["tp"]), hardware=self.hardware, options=options)
+            try:
+                sm = StepModel.build(str(row["model"]), int(row["tp"]), hardware=self.hardware, options=options)
+            except CalibError as exc:
+                if exc.file is None and row.get("source") is not None:  # name the experiments file
+                    raise type(exc)(f"experiment {row.name!r}: {exc.message}", file=str(row["source"]),
+                                    field=exc.field) from None
+                raise
             requests = _requests(row, self.lengths, self.seed)
             rep = SyncReplay(sm, requests, sched)
             _REPLAYS[key] = rep

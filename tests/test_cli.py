@@ -70,3 +70,10 @@ def test_bad_study_file_one_line(tmp_path):
     proc = run_cli("study", "run", str(study), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "s.yaml" in proc.stderr and "phases" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_error_with_newline_in_key_stays_one_line(tmp_path):
+    hw = tmp_path / "hw.yaml"
+    hw.write_text('tflops_peak: 1\nbw_peak_tbs: 1\n"a\\nb": 1\n')
+    proc = run_cli("step", "--model", "llama-2-7b-hf", "--decode", "5", "--hardware", str(hw))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "a\\nb" in proc.stderr

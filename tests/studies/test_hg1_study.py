@@ -126,6 +126,7 @@ def test_interrupted_study_resumes_without_repeating(tmp_path, dataset, monkeypa
     ({"criteria": [{"name": "x", "quantity": "test", "metric": "p99_mape", "threshold": 1}]}, "criteria.0.metric"),
     ({"estimator": {"overhead": 3}}, "estimator"),
     ({"kind": "astrology"}, "kind"),
+    ({"validation": [100, 0]}, "validation"),
 ])
 def test_bad_study_files(tmp_path, dataset, change, field):
     path = write(tmp_path, study_dict(dataset, **change))
@@ -153,3 +154,14 @@ def test_results_are_json_with_fractions(tmp_path, dataset):
     r = json.loads((tmp_path / "o" / "results.json").read_text())
     assert 0 <= r["splits"]["all"]["tpot_mape"]["100"] < 5
     assert r["settings"]["request_seed"] == 42 and "storage" in r["settings"]
+
+
+def test_unknown_model_in_dataset_names_the_file(tmp_path, dataset):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    text = (dataset / "experiments.csv").read_text().replace("llama-2-7b-hf", "llama-9-7b", 1)
+    bad.joinpath("experiments.csv").write_text(text)
+    bad.joinpath("workloads.yaml").write_text((dataset / "workloads.yaml").read_text())
+    with pytest.raises(Exception) as info:
+        run_study(write(tmp_path, study_dict(bad)), tmp_path / "out", progress=False)
+    assert "experiments.csv" in str(info.value) and "model" in str(info.value)

@@ -73,6 +73,8 @@ class HG1Schema(StudyBase):
             names.append(ph.name)
         if self.phases[0].grid is None:
             raise ValueError("the first phase needs a 'grid'")
+        if "optimum" not in self.validation:
+            raise ValueError("validation must include 'optimum' (the criteria and tables are read there)")
         return self
 
 
