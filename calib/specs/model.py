@@ -142,7 +142,8 @@ class ModelSpec:
                 if default is None:
                     raise ConfigError("required key is missing", file=source, field=key)
                 value = default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) == float("inf") or value != value or value != int(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value != int(value)):
                 raise ConfigError(f"must be an integer, got {value!r}", file=source, field=key)
             value = int(value)
             if value < minimum:

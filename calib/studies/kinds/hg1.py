@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
@@ -51,17 +50,16 @@ class Phase(Strict):
         return self
 
 
-class HG1Schema(StudyBase):
-    kind: Literal["hg1"]
-    split: SplitSpec = SplitSpec()
+class GridStudyMixin(StudyBase):
+    """Fields shared by every grid-search study (the HG1 search settings)."""
+
     parameter: str = "per_layer_overhead_us"
     objective: str = "tpot_mape"
     phases: list[Phase] = Field(min_length=1)
-    validation: list[float | Literal["optimum"]] = ["optimum", 100.0, 0.0]
     criteria: list[Criterion] = []
 
     @model_validator(mode="after")
-    def _check(self) -> "HG1Schema":
+    def _check_search(self):
         if self.objective not in METRICS:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(METRICS)}")
         if self.parameter not in RooflineRegressor().get_params():
@@ -73,6 +71,16 @@ class HG1Schema(StudyBase):
             names.append(ph.name)
         if self.phases[0].grid is None:
             raise ValueError("the first phase needs a 'grid'")
+        return self
+
+
+class HG1Schema(GridStudyMixin):
+    kind: Literal["hg1"]
+    split: SplitSpec = SplitSpec()
+    validation: list[float | Literal["optimum"]] = ["optimum", 100.0, 0.0]
+
+    @model_validator(mode="after")
+    def _check_validation(self) -> "HG1Schema":
         if "optimum" not in self.validation:
             raise ValueError("validation must include 'optimum' (the criteria and tables are read there)")
         return self

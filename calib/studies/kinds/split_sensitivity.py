@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from calib.data import load_experiments
 from calib.estimator import RooflineRegressor
@@ -28,36 +28,12 @@ from calib.studies.apematrix import (CandidateStore, GridApe, Predictions, Split
                                      dataset_fingerprint, fingerprint, phased_optima, store_record, worker_result)
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
-from calib.studies.kinds.hg1 import Phase, SplitSpec, resolve_split
-from calib.studies.spec import METRICS, Criterion, StudyBase
+from calib.studies.kinds.hg1 import GridStudyMixin, SplitSpec, resolve_split
+from calib.studies.spec import StudyBase
 
 KIND = "split_sensitivity"
 
 __all__ = ["KIND", "schema", "run", "GridStudyMixin", "fold_metrics", "distribution", "grid_store"]
-
-
-class GridStudyMixin(StudyBase):
-    """Fields shared by the grid-search generalization studies (the HG1 search settings)."""
-
-    parameter: str = "per_layer_overhead_us"
-    objective: str = "tpot_mape"
-    phases: list[Phase] = Field(min_length=1)
-    criteria: list[Criterion] = []
-
-    @model_validator(mode="after")
-    def _check_search(self):
-        if self.objective not in METRICS:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(METRICS)}")
-        if self.parameter not in RooflineRegressor().get_params():
-            raise ValueError(f"unknown estimator parameter {self.parameter!r}")
-        names = []
-        for ph in self.phases:
-            if ph.around is not None and ph.around not in names:
-                raise ValueError(f"phase {ph.name!r} searches around unknown earlier phase {ph.around!r}")
-            names.append(ph.name)
-        if self.phases[0].grid is None:
-            raise ValueError("the first phase needs a 'grid'")
-        return self
 
 
 class SplitSensitivitySchema(GridStudyMixin):
