@@ -91,7 +91,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
         value = data.get(key, default)
         if value is None:
             raise ConfigError("required key is missing", file=path, field=key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e300:
             raise ConfigError(f"must be a number, got {value!r}", file=path, field=key)
         if positive and value <= 0 or value < 0:
             raise ConfigError(f"must be > 0, got {value}", file=path, field=key)

@@ -517,7 +517,8 @@ def _columns(raw: Mapping[str, Sequence], names: Sequence[str], file, where: str
         values = list(raw[name])
         if not values:
             raise ConfigError("table has no rows", file=file, field=field)
-        floats = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
+        floats = pd.to_numeric(pd.Series([None if isinstance(v, int) and abs(v) > 2**62 else v for v in values],
+                                         dtype=object), errors="coerce").to_numpy(dtype=float)  # huge ints: NaN
         if isinstance(raw[name], list):  # JSON: reject booleans and strings outright
             floats = np.where([isinstance(v, bool) or not isinstance(v, (int, float)) for v in values], np.nan, floats)
         bad = ~np.isfinite(floats)

@@ -143,7 +143,7 @@ class ModelSpec:
                     raise ConfigError("required key is missing", file=source, field=key)
                 value = default
             if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value != int(value)):
+                    or (isinstance(value, float) and not math.isfinite(value)) or value != int(value)):
                 raise ConfigError(f"must be an integer, got {value!r}", file=source, field=key)
             value = int(value)
             if value < minimum:

@@ -100,7 +100,7 @@ def test_three_workers_on_postgresql(pg_url, tmp_path):
     results = json.loads((out / "results.json").read_text())
     storage_label = results["settings"].pop("storage")
     serial["settings"].pop("storage")
-    assert results == json.loads(json.dumps(serial))  # the serial run's numbers, exactly
+    assert results == json.loads(json.dumps(serial)), (lead.stderr, j_err)  # the serial run's numbers, exactly
     assert (out / "REPORT.md").is_file()
 
     secret = pg_url.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
@@ -115,8 +115,9 @@ def test_three_workers_on_postgresql(pg_url, tmp_path):
     for phase, size in PHASES.items():
         trials = optuna.load_study(study_name=f"{name}-{phase}", storage=st).get_trials(deepcopy=False)
         done = [t.params["per_layer_overhead_us"] for t in trials if t.state == TrialState.COMPLETE]
-        assert len(done) == len(set(done)) == size  # every grid value, exactly once
-        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        table = [(t.number, t.state.name, t.params, t.system_attrs) for t in trials]
+        assert len(done) == len(set(done)) == size, table  # every grid value, exactly once
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], table
         states.update(t.state.name for t in trials)
         workers.update(t.system_attrs["calib:worker"] for t in trials if t.state == TrialState.COMPLETE)
     print(f"\nreliability: PostgreSQL, 3 worker processes, trial states {dict(states)}, "

@@ -83,8 +83,9 @@ def assert_each_value_completed_once(url: str, prefix: str) -> Counter:
     total = Counter()
     for phase, ts in trials.items():
         done = [t.params["per_layer_overhead_us"] for t in ts if t.state == TrialState.COMPLETE]
-        assert len(done) == len(set(done)) == PHASES[phase], phase  # every value, once
-        assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        table = [(t.number, t.state.name, t.params, t.system_attrs) for t in ts]
+        assert len(done) == len(set(done)) == PHASES[phase], (phase, table)  # every value, once
+        assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)], (phase, table)
         total.update(t.state.name for t in ts)
     return total
 

@@ -212,7 +212,7 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
             "phases": [ph.model_dump(exclude_none=True) for ph in spec.phases],
             "validation": list(points),
             "split": {"train": train, "test": test},
-            "sampler": "optuna GridSampler (grid values enqueued in order)",
+            "sampler": "grid: every value enqueued once as an Optuna trial (calib.studies.search.grid_search)",
             "storage": ctx.storage_label,
             "request_seed": base["seed"],
             "lengths": base["lengths"],
