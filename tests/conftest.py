@@ -36,3 +36,21 @@ def mfu_h100():
     from calib.specs import load_mfu
 
     return load_mfu("h100")
+
+
+def _cut_dataset(dest: Path, keep) -> Path:
+    """Write the embedded HG1 dataset cut down to the experiments in ``keep`` into ``dest`` (fast replays)."""
+    from calib.data.workloads import EMBEDDED_HG1
+
+    lines = (EMBEDDED_HG1 / "experiments.csv").read_text().splitlines()
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.joinpath("experiments.csv").write_text(
+        "\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in keep]) + "\n")
+    dest.joinpath("workloads.yaml").write_text((EMBEDDED_HG1 / "workloads.yaml").read_text())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cut_dataset():
+    """``cut_dataset(dest, keep)``: a small copy of the embedded dataset holding only ``keep``."""
+    return _cut_dataset

@@ -9,7 +9,6 @@ import optuna
 import pytest
 import yaml
 
-from calib.data.workloads import EMBEDDED_HG1
 from calib.errors import StudyError
 from calib.studies.runner import run_study
 from calib.studies.spec import load_study_file
@@ -18,14 +17,9 @@ KEEP = ["jan30-llama2-7b-tp4-chatsweep", "jan30-llama2-7b-tp4-codesweep", "20260
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, cut_dataset) -> Path:
     """The embedded dataset cut down to three experiments (keeps the test fast)."""
-    d = tmp_path_factory.mktemp("ds")
-    lines = (EMBEDDED_HG1 / "experiments.csv").read_text().splitlines()
-    d.joinpath("experiments.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
-                                                                     if ln.split(",")[0] in KEEP]) + "\n")
-    d.joinpath("workloads.yaml").write_text((EMBEDDED_HG1 / "workloads.yaml").read_text())
-    return d
+    return cut_dataset(tmp_path_factory.mktemp("ds"), KEEP)
 
 
 def study_dict(dataset: Path, **changes) -> dict:

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from calib.data import load_experiments
-from calib.data.workloads import EMBEDDED_HG1
 from calib.errors import StudyError
 from calib.studies import apematrix
 from calib.studies.evaluate import evaluate
@@ -23,19 +22,11 @@ PHASES = [{"name": "coarse", "grid": {"low": 0, "high": 200, "step": 100}},
           {"name": "fine", "around": "coarse", "radius": 50, "step": 50}]
 
 
-def make_dataset(d: Path, keep=KEEP) -> Path:
-    """The embedded dataset cut down to ``keep`` (fast replays)."""
-    lines = (EMBEDDED_HG1 / "experiments.csv").read_text().splitlines()
-    d.mkdir(parents=True, exist_ok=True)
-    d.joinpath("experiments.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
-                                                                     if ln.split(",")[0] in keep]) + "\n")
-    d.joinpath("workloads.yaml").write_text((EMBEDDED_HG1 / "workloads.yaml").read_text())
-    return d
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("ds"), KEEP)
+def dataset(tmp_path_factory, cut_dataset) -> Path:
+    return cut_dataset(tmp_path_factory.mktemp("ds"), KEEP)
 
 
 def study_dict(dataset: Path, **changes) -> dict:
