@@ -16,7 +16,7 @@
    sampler + storage.  Target: < 10 min.  ``--quick`` runs a cut-down copy
    (two models, 10 trials, 16 pool candidates).
 3. Storage cost per TPE trial, trivial objective, SQLite in a temp folder:
-   :func:`calib.studies.search.tpe_search` (every ask/tell on the storage)
+   :func:`calib.calibrate.trials.tpe_search` (every ask/tell on the storage)
    against :func:`calib.studies.apematrix.tpe_search` (in-memory study,
    trials copied to the storage in batches).
 
@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from calib.estimator import clear_cache  # noqa: E402
+from calib.estimators.roofline import clear_cache  # noqa: E402
 from calib.studies.runner import run_study  # noqa: E402
 
 
@@ -63,8 +63,8 @@ def bench_split_sensitivity(mode: str, tmp: Path) -> None:
     import numpy as np
 
     from calib.data import load_experiments
-    from calib.estimator import RooflineRegressor
-    from calib.model_selection import AllKOfNSplit, materialize_splits
+    from calib.estimators.roofline import RooflineRegressor
+    from calib.calibrate.model_selection import AllKOfNSplit, materialize_splits
     from calib.studies.apematrix import CandidateStore, GridApe, phased_optima
     from calib.studies.evaluate import evaluate
     from calib.studies.spec import load_study_file
@@ -168,7 +168,7 @@ def bench_storage(tmp: Path, n: int = 30) -> None:
         with Timer() as mirror:
             tpe_search("mirror", st, {"a": SearchParam(low=0, high=1), "b": SearchParam(low=0, high=1)}, objective,
                        n_trials=n, seed=0, n_startup_trials=10)
-    print(f"   calib.studies.search.tpe_search:    {1e3 * direct.wall / n:7.1f} ms/trial")
+    print(f"   calib.calibrate.trials.tpe_search:    {1e3 * direct.wall / n:7.1f} ms/trial")
     print(f"   calib.studies.apematrix.tpe_search: {1e3 * mirror.wall / n:7.1f} ms/trial "
           f"({direct.wall / mirror.wall:.1f}x less)")
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 def objective_factory():
     """The HG1 objective (train mean TPOT APE) of the two-parameter overhead model."""
     from calib.data import load_experiments
-    from calib.estimator import RooflineRegressor
+    from calib.estimators.roofline import RooflineRegressor
     from calib.studies.evaluate import evaluate
 
     X = load_experiments()
@@ -47,7 +47,7 @@ def objective_factory():
     base = RooflineRegressor(variant="v2.3", mode="reference", lengths="reference", seed=42).get_params()
 
     def objective(params: dict):
-        ev = evaluate(train, {**base, "overhead_model": "per_step_plus_per_layer", "overhead_params": params})
+        ev = evaluate(train, {**base, "overhead_model": "per_step_plus_per_layer", **params})
         return float(ev["tpot_ape"].mean()), {"train_e2e_mape": float(ev["e2e_ape"].mean())}
 
     return objective
@@ -60,7 +60,7 @@ def space():
 
 
 def run_search(url: str, n_trials: int, progress: bool = False) -> int:
-    from calib.studies.search import recording, tpe_search
+    from calib.calibrate.trials import recording, tpe_search
     from calib.studies.storage import open_storage
 
     objective = objective_factory()
@@ -83,7 +83,7 @@ def run_study_like(url: str, n_trials: int, workers: int) -> None:
     """What ``calib study run --workers N`` does: fork N - 1 workers after the imports, then work as one."""
     import multiprocessing as mp
 
-    import calib.studies.search  # noqa: F401 - the imports a lead has done when it forks
+    import calib.calibrate.trials  # noqa: F401 - the imports a lead has done when it forks
 
     ctx = mp.get_context("fork")
     children = [ctx.Process(target=_child, args=(url, n_trials)) for _ in range(workers - 1)]

@@ -1,14 +1,19 @@
-"""``calib import-hg1``: write calib's embedded HG1 dataset from the study's files."""
+"""``calib import-hg1``: write calib's embedded HG1 dataset from the study's files.
+
+The dataset goes to ``--out``, by default ``configs/datasets/hg1`` under the
+current folder (run from the repository root to update the shipped dataset);
+never into the installed package.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from calib.data.experiments import import_hg1
-from calib.data.workloads import EMBEDDED_HG1
+__all__ = ["DEFAULT_OUT", "register", "run"]
 
-__all__ = ["register", "run"]
+#: Default output folder, relative to the current folder.
+DEFAULT_OUT = Path("configs") / "datasets" / "hg1"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     --------
     >>> parser = argparse.ArgumentParser(prog="calib")
     >>> register(parser.add_subparsers(dest="command"))
-    >>> args = parser.parse_args(["import-hg1", "../shared/data/hg1", "--out", "/tmp/hg1"])
+    >>> args = parser.parse_args(["import-hg1", "data/hg1", "--out", "/tmp/hg1"])
     >>> args.source_dir, args.out, args.func is run
-    (PosixPath('../shared/data/hg1'), PosixPath('/tmp/hg1'), True)
+    (PosixPath('data/hg1'), PosixPath('/tmp/hg1'), True)
     """
     parser = subparsers.add_parser(
         "import-hg1",
@@ -36,13 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source_dir", metavar="SOURCE_DIR", type=Path, help="folder of the HG1 study's files")
     parser.add_argument(
-        "--out", type=Path, default=EMBEDDED_HG1, help=f"output folder (default: {EMBEDDED_HG1})"
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT} in the current folder)"
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the import; print the files written. Raises DataError on bad input."""
+    from calib.data.experiments import import_hg1
+
     for path in import_hg1(args.source_dir, args.out):
         print(f"wrote {path}")
     return 0

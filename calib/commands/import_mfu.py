@@ -1,13 +1,23 @@
-"""``calib import-mfu``: turn a raw InferSim ``bench_data`` directory into calib's MFU JSON."""
+"""``calib import-mfu``: turn a raw InferSim ``bench_data`` directory into calib's MFU JSON.
+
+The file goes to ``--out``, by default ``configs/mfu/<gpu>.json`` under the
+current folder (run from the repository root to update the shipped tables);
+never into the installed package.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from calib.specs.mfu import MFU_CONFIG_DIR, MFUDatabase, import_bench_data
+if TYPE_CHECKING:
+    from calib.specs.mfu import MFUDatabase
 
-__all__ = ["register", "run", "summary"]
+__all__ = ["DEFAULT_OUT_DIR", "register", "run", "summary"]
+
+#: Folder of the default output file, relative to the current folder.
+DEFAULT_OUT_DIR = Path("configs") / "mfu"
 
 
 def register(subparsers) -> None:
@@ -19,12 +29,15 @@ def register(subparsers) -> None:
     )
     p.add_argument("bench_dir", metavar="BENCH_DIR", type=Path, help="the bench_data directory")
     p.add_argument("--gpu", required=True, metavar="NAME", help="GPU directory name, any case (e.g. h100)")
-    p.add_argument("--out", type=Path, metavar="PATH", help="output file (default: configs/mfu/<gpu>.json)")
+    p.add_argument("--out", type=Path, metavar="PATH",
+                   help="output file (default: configs/mfu/<gpu>.json in the current folder)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = args.out if args.out is not None else MFU_CONFIG_DIR / f"{args.gpu.lower()}.json"
+    from calib.specs.mfu import import_bench_data
+
+    out = args.out if args.out is not None else DEFAULT_OUT_DIR / f"{args.gpu.lower()}.json"
     db = import_bench_data(args.bench_dir, args.gpu, out)
     print(f"{summary(db)} -> {out}")
     return 0

@@ -1,20 +1,23 @@
-"""``calib reports``: regenerate every committed report from the study files, in one command."""
+"""``calib reports``: regenerate every committed report from the study files, in one command.
+
+By default the shipped study files are run (read through :mod:`calib.resources`)
+and the reports go to ``reports/`` in the current folder: run it from the
+repository root to refresh the committed reports.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-__all__ = ["register"]
-
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["register", "run"]
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("reports", help="rerun every study in studies/ into reports/<name>/")
     p.add_argument("--only", nargs="*", help="study names to run (default: all)")
-    p.add_argument("--studies", default=str(REPO / "studies"), help="folder of study files")
-    p.add_argument("--out", default=str(REPO / "reports"), help="reports folder")
+    p.add_argument("--studies", help="folder of study files (default: the shipped studies/)")
+    p.add_argument("--out", default="reports", help="reports folder (default: reports/ in the current folder)")
     p.add_argument("--resume", action="store_true",
                    help="keep each study's Optuna storage (default: start fresh, so reports reflect the current code)")
     p.add_argument("--no-progress", action="store_true")
@@ -23,10 +26,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from calib.commands.study import summary
+    from calib.resources import study_dir
     from calib.studies.runner import run_study
     from calib.studies.spec import load_study_file
 
-    files = sorted(Path(args.studies).glob("*.yaml"))
+    files = sorted(Path(args.studies or study_dir()).glob("*.yaml"))
     specs = [(f, load_study_file(f)) for f in files]  # validate all before running any
     if args.only:
         known = {s.name for _, s in specs}
@@ -39,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     for f, spec in specs:
         out = Path(args.out) / spec.name
         if not args.resume:
-            for name in ("optuna.db", "journal.log"):
-                (out / name).unlink(missing_ok=True)
+            for folder in [out, *(out / m for m in spec.modes or [])]:
+                for name in ("optuna.db", "optuna.journal"):
+                    (folder / name).unlink(missing_ok=True)
         print(f"== {spec.name} ({f.name}) -> {out}")
         results = run_study(f, out, progress=not args.no_progress)
         print(summary(results))

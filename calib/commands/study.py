@@ -9,6 +9,25 @@ from pathlib import Path
 __all__ = ["register"]
 
 
+def study_path(text: str) -> Path:
+    """The study file ``text``; a name that is no file but a shipped study (``hg1``) means the shipped file.
+
+    Examples
+    --------
+    >>> study_path("hg1").name
+    'hg1.yaml'
+    >>> study_path("my/study.yaml")
+    PosixPath('my/study.yaml')
+    """
+    from calib.resources import available_studies, study_file
+
+    path = Path(text)
+    stem = text[:-5] if text.endswith(".yaml") else text
+    if not path.exists() and len(path.parts) == 1 and stem in available_studies():
+        return study_file(stem)
+    return path
+
+
 def _seconds(text: str) -> int:
     try:
         value = int(text)
@@ -31,11 +50,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("study", help="run studies declared in files under studies/")
     sub = p.add_subparsers(dest="study_command", required=True)
     r = sub.add_parser("run", help="run (or resume) a study and write results.json, REPORT.md and plots")
-    r.add_argument("study", help="study file, e.g. studies/hg1.yaml")
+    r.add_argument("study", type=study_path,
+                   help="study file, e.g. studies/hg1.yaml, or the name of a shipped study (hg1)")
     r.add_argument("--out", help="output folder (default reports/<study name>)")
     r.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the output folder, or the "
                                      "journal file optuna.journal there with --workers > 1)")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    r.add_argument("--mode", choices=("reference", "corrected"),
+                   help="run one mode of a study with several (default: every mode, into OUT/<mode>/)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _heartbeat_options(r)
     r.set_defaults(func=run)
@@ -44,10 +66,11 @@ def register(subparsers) -> None:
                        description="Join the study of STUDY in the storage at URL (any machine that reaches the "
                                    "storage can join) and evaluate trials until the study is complete.  Writes "
                                    "nothing but trials; the lead (calib study run) writes the report.")
-    w.add_argument("study", help="study file (the same file as the lead's)")
+    w.add_argument("study", type=study_path, help="study file (the same file as the lead's) or a shipped study's name")
     w.add_argument("--storage", help="Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db (default: "
                                      "the CALIB_STORAGE environment variable, which keeps a password out of ps)")
     w.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    w.add_argument("--mode", choices=("reference", "corrected"), help="the lead's mode, for a study with several")
     _heartbeat_options(w)
     w.set_defaults(func=worker)
 
@@ -63,23 +86,23 @@ def run(args: argparse.Namespace) -> int:
     spec = load_study_file(args.study)
     out = Path(args.out) if args.out else Path("reports") / spec.name
     stop_on_sigterm(KeyboardInterrupt)  # `kill PID` stops like Ctrl-C: the running trial is closed, a rerun resumes
-    results = run_study(args.study, out, storage=args.storage, progress=not args.no_progress,
+    results = run_study(args.study, out, mode=args.mode, storage=args.storage, progress=not args.no_progress,
                         workers=args.workers, heartbeat_interval=args.heartbeat_interval,
                         grace_period=args.grace_period)
     print(summary(results))
-    print(f"wrote {out / 'results.json'}")
+    written = [out / "results.json"] if "kind" in results else [out / m / "results.json" for m in results]
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
 def worker(args: argparse.Namespace) -> int:
-    from calib.studies.runner import run_worker
     from calib.studies.storage import mask_url
-    from calib.studies.workers import STORAGE_ENV, WorkerStopped, stop_on_sigterm
+    from calib.studies.workers import STORAGE_ENV, WorkerStopped, run_worker, stop_on_sigterm
 
     url = args.storage or os.environ.get(STORAGE_ENV)
     stop_on_sigterm(WorkerStopped)
     try:
-        done = run_worker(args.study, url, progress=not args.no_progress,
+        done = run_worker(args.study, url, progress=not args.no_progress, mode=args.mode,
                           heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
     except WorkerStopped:
         return 0
@@ -89,12 +112,17 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def summary(results: dict) -> str:
-    """A short console summary of a finished study."""
+    """A short console summary of a finished study (of each mode, for a study with several)."""
+    if "kind" not in results:
+        return "\n\n".join(f"[{mode}]\n{summary(r)}" for mode, r in results.items())
     if results.get("kind") == "hg1":
-        from calib.reporting.hg1 import criteria_table, validation_table
+        from calib.reporting.hg1 import criteria_table, reproduction_line, reproduction_table, validation_table
 
-        return "\n".join([
-            f"{results['study']}: optimum {results['optimum_us']:g} µs ({results['mode']} mode, TPOT "
-            f"definition {results['tpot_definition']})", "", validation_table(results), "", criteria_table(results),
-            "", f"verdict: {results['verdict']}"])
+        lines = [f"{results['study']}: optimum {results['optimum_us']:g} µs ({results['mode']} mode, TPOT "
+                 f"definition {results['tpot_definition']})", "", validation_table(results), ""]
+        if results.get("reproduction"):
+            lines += ["Published vs reproduced:", "", reproduction_table(results), "", reproduction_line(results), ""]
+        lines += [criteria_table(results), "",
+                  f"accept criteria (the study's own hypothesis test, not the reproduction): {results['verdict']}"]
+        return "\n".join(lines)
     return f"{results.get('study')}: done"

@@ -300,7 +300,7 @@ Written by `calib import-hg1 SOURCE_DIR` from the HG1 study's figures
 """
 
 
-def import_hg1(source_dir: str | Path, out_dir: str | Path = EMBEDDED_HG1) -> list[Path]:
+def import_hg1(source_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write calib's compact HG1 dataset from the study's files.
 
     Reads ``experiments.csv``, ``workloads.yaml`` and
@@ -312,8 +312,9 @@ def import_hg1(source_dir: str | Path, out_dir: str | Path = EMBEDDED_HG1) -> li
     Parameters
     ----------
     source_dir : str or Path
-    out_dir : str or Path, optional
-        Default: the embedded dataset folder ``configs/datasets/hg1``.
+    out_dir : str or Path
+        Output folder (``configs/datasets/hg1`` of the source tree updates
+        the embedded dataset).
 
     Returns
     -------
@@ -327,7 +328,7 @@ def import_hg1(source_dir: str | Path, out_dir: str | Path = EMBEDDED_HG1) -> li
 
     Examples
     --------
-    >>> import_hg1("../shared/data/hg1", "/tmp/hg1")  # doctest: +SKIP
+    >>> import_hg1("data/hg1", "/tmp/hg1")  # doctest: +SKIP
     [PosixPath('/tmp/hg1/experiments.csv'), ...]
     """
     from calib.data.lengths import parse_lengths

@@ -118,7 +118,7 @@ class GuidellmRun:
 
         Examples
         --------
-        >>> run = load_guidellm_run("../shared/data/guidellm/jan20-codellama-prefill-1")  # doctest: +SKIP
+        >>> run = load_guidellm_run("data/guidellm/jan20-codellama-prefill-1")  # doctest: +SKIP
         >>> [round(t.stages[0].rate, 3) for t in run.constant_rate_benchmarks()]  # doctest: +SKIP
         [0.759, 0.923, 1.086]
         """
@@ -282,7 +282,7 @@ def load_guidellm_run(run_dir: str | Path) -> GuidellmRun:
 
     Examples
     --------
-    >>> run = load_guidellm_run("../shared/data/guidellm/jan20-prefill-llama7b-tp1-1")  # doctest: +SKIP
+    >>> run = load_guidellm_run("data/guidellm/jan20-prefill-llama7b-tp1-1")  # doctest: +SKIP
     >>> run.model, run.tp, round(run.rate, 5), len(run.requests)  # doctest: +SKIP
     ('codellama-34b-instruct-hf', 1, 1.00723, 40)
     """

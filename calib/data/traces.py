@@ -316,7 +316,7 @@ def load_trace(
 
     Examples
     --------
-    >>> t = load_trace("../shared/data/batched/20260217-155451-llama-2-7b-tp1-codegen")  # doctest: +SKIP
+    >>> t = load_trace("data/batched/20260217-155451-llama-2-7b-tp1-codegen")  # doctest: +SKIP
     >>> t.model, t.tp, t.excluded, t.n_short, len(t.requests)  # doctest: +SKIP
     ('llama-2-7b-hf', 1, 0, 3101, 9000)
     """
@@ -452,7 +452,7 @@ def list_traces(root: str | Path) -> list[Path]:
 
     Examples
     --------
-    >>> [p.name for p in list_traces("../shared/data/batched")][:1]  # doctest: +SKIP
+    >>> [p.name for p in list_traces("data/batched")][:1]  # doctest: +SKIP
     ['20260217-155451-llama-2-7b-tp1-codegen']
     """
     base = Path(root)

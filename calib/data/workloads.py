@@ -28,6 +28,7 @@ from typing import Any
 
 from calib.data._io import as_float, as_int, mapping, read_yaml
 from calib.errors import DataError
+from calib.resources import config_path
 
 __all__ = [
     "EMBEDDED_HG1",
@@ -39,8 +40,8 @@ __all__ = [
     "workloads_yaml",
 ]
 
-#: The embedded HG1 dataset folder written by ``calib import-hg1``.
-EMBEDDED_HG1 = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "hg1"
+#: The embedded HG1 dataset folder (shipped ``configs/datasets/hg1``, written by ``calib import-hg1``).
+EMBEDDED_HG1 = config_path("datasets", "hg1")
 
 #: DataFrame columns that :meth:`Workload.as_columns` fills.
 WORKLOAD_COLUMNS = (

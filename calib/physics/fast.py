@@ -77,6 +77,14 @@ class FastSteps:
     Get it as ``step_model.fast`` (one instance per step model, so caches are
     shared by every replay and overhead value that uses that step model).
 
+    Parameters
+    ----------
+    step_model : StepModel
+    plain_parts : bool
+        ``step_model.parts`` is :meth:`StepModel.parts` itself (not overridden
+        by a subclass), so the formulas here reproduce it.  ``StepModel.fast``
+        sets it; ``False`` makes every call fall back to ``step_model.parts``.
+
     Attributes
     ----------
     scalar : bool
@@ -97,12 +105,13 @@ class FastSteps:
     True
     """
 
-    def __init__(self, step_model):
+    def __init__(self, step_model, *, plain_parts: bool = False):
         self.step_model = step_model
         opts = step_model.options
         self.options = opts
         known = {f.name for f in fields(opts)} <= _KNOWN_OPTIONS
-        self.scalar = known and opts.variant in ("v2.3", "v2.4") and type(step_model).parts is _PLAIN_PARTS
+        self.plain_parts = bool(plain_parts)
+        self.scalar = known and opts.variant in ("v2.3", "v2.4") and self.plain_parts
         self.aggregate = self.scalar and opts.decode_attention == "max_context"
         if not self.scalar:
             return
@@ -130,7 +139,7 @@ class FastSteps:
         self._m_hint = 1024
 
     def __reduce__(self):  # pickles without its caches
-        return (FastSteps, (self.step_model,))
+        return (_rebuild, (self.step_model, self.plain_parts))
 
     # ------------------------------------------------------------------ caches
 
@@ -376,10 +385,6 @@ class FastSteps:
         return hw * 1e6
 
 
-def _plain_parts():
-    from calib.physics.step_model import StepModel
-
-    return StepModel.parts
-
-
-_PLAIN_PARTS = _plain_parts()
+def _rebuild(step_model, plain_parts: bool) -> FastSteps:
+    """Unpickle a :class:`FastSteps` (its caches are rebuilt on use)."""
+    return FastSteps(step_model, plain_parts=plain_parts)

@@ -14,7 +14,7 @@ and the scalars ``num_layers`` (``L``) and ``tp``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar, Mapping
 
 import numpy as np
@@ -30,7 +30,14 @@ __all__ = [
     "BatchLinear",
     "OVERHEAD_MODELS",
     "make_overhead",
+    "param",
 ]
+
+
+def param(default: float, doc: str, *, search: tuple[float, float], low: float = 0.0, high: float | None = None):
+    """A parameter of an overhead model: default, one doc line, the valid range ``[low, high]`` and the
+    default search range (what :mod:`calib.settings` turns into a validated, documented field)."""
+    return field(default=default, metadata={"doc": doc, "low": low, "high": high, "search": search})
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,6 @@ class OverheadModel:
     """Base class: ``step_us(features, num_layers, tp)`` -> µs per step (0 for empty steps)."""
 
     name: ClassVar[str] = "base"
-    #: parameter -> (low, high) default search range
-    ranges: ClassVar[Mapping[str, tuple[float, float]]] = {}
 
     def _per_step(self, f: Mapping[str, np.ndarray], L: int, tp: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -47,6 +52,11 @@ class OverheadModel:
     def step_us(self, features: Mapping[str, np.ndarray], num_layers: int, tp: int) -> np.ndarray:
         busy = (np.asarray(features["n_prefill"]) + np.asarray(features["n_decode"])) > 0
         return np.where(busy, self._per_step(features, num_layers, tp), 0.0)
+
+    @classmethod
+    def ranges(cls) -> dict[str, tuple[float, float]]:
+        """Parameter -> default search range ``(low, high)``."""
+        return {f.name: tuple(f.metadata["search"]) for f in fields(cls)}
 
     @property
     def params(self) -> dict[str, float]:
@@ -74,9 +84,9 @@ class PerLayer(OverheadModel):
     [3200.0, 3200.0]
     """
 
-    per_layer_us: float = 100.0
+    per_layer_us: float = param(100.0, "perLayerOverhead: µs per layer per step, charged x L / TP",
+                                search=(0.0, 500.0))
     name: ClassVar[str] = "per_layer"
-    ranges: ClassVar = {"per_layer_us": (0.0, 500.0)}
 
     def _per_step(self, f, L, tp):
         return np.full(np.shape(f["n_decode"]), self.per_layer_us * L / tp)
@@ -86,10 +96,11 @@ class PerLayer(OverheadModel):
 class PerLayerTPPower(OverheadModel):
     """``per_layer_us * L / TP**alpha``: alpha = 1 is the reference, 0 ignores TP."""
 
-    per_layer_us: float = 100.0
-    alpha: float = 1.0
+    per_layer_us: float = param(100.0, "perLayerOverhead: µs per layer per step, charged x L / TP**alpha",
+                                search=(0.0, 500.0))
+    alpha: float = param(1.0, "exponent of TP in the per-layer term (1: the reference, 0: TP-independent)",
+                         search=(0.0, 1.5), high=4.0)
     name: ClassVar[str] = "per_layer_tp_power"
-    ranges: ClassVar = {"per_layer_us": (0.0, 500.0), "alpha": (0.0, 1.5)}
 
     def _per_step(self, f, L, tp):
         return np.full(np.shape(f["n_decode"]), self.per_layer_us * L / tp**self.alpha)
@@ -99,10 +110,10 @@ class PerLayerTPPower(OverheadModel):
 class PerStepPlusPerLayer(OverheadModel):
     """``step_us + per_layer_us * L / TP``: a fixed scheduler cost plus the layer term."""
 
-    step_us_const: float = 0.0
-    per_layer_us: float = 100.0
+    step_us_const: float = param(0.0, "fixed µs per non-empty step (scheduler)", search=(0.0, 5000.0))
+    per_layer_us: float = param(100.0, "perLayerOverhead: µs per layer per step, charged x L / TP",
+                                search=(0.0, 500.0))
     name: ClassVar[str] = "per_step_plus_per_layer"
-    ranges: ClassVar = {"step_us_const": (0.0, 5000.0), "per_layer_us": (0.0, 500.0)}
 
     def _per_step(self, f, L, tp):
         return np.full(np.shape(f["n_decode"]), self.step_us_const + self.per_layer_us * L / tp)
@@ -112,10 +123,11 @@ class PerStepPlusPerLayer(OverheadModel):
 class PrefillDecodeSplit(OverheadModel):
     """Separate per-layer constants: steps with prefill pay ``prefill_per_layer_us``, others ``decode_per_layer_us``."""
 
-    prefill_per_layer_us: float = 100.0
-    decode_per_layer_us: float = 100.0
+    prefill_per_layer_us: float = param(100.0, "µs per layer per step holding a prefill chunk, x L / TP",
+                                        search=(0.0, 1000.0))
+    decode_per_layer_us: float = param(100.0, "µs per layer per decode-only step, x L / TP",
+                                       search=(0.0, 500.0))
     name: ClassVar[str] = "prefill_decode_split"
-    ranges: ClassVar = {"prefill_per_layer_us": (0.0, 1000.0), "decode_per_layer_us": (0.0, 500.0)}
 
     def _per_step(self, f, L, tp):
         has_p = np.asarray(f["n_prefill"]) > 0
@@ -126,10 +138,9 @@ class PrefillDecodeSplit(OverheadModel):
 class BatchLinear(OverheadModel):
     """``(a_us + b_us * batch) * L / TP`` with ``batch`` = requests in the step."""
 
-    a_us: float = 100.0
-    b_us: float = 0.0
+    a_us: float = param(100.0, "µs per layer per step, x L / TP", search=(0.0, 500.0))
+    b_us: float = param(0.0, "µs per layer per request in the step, x L / TP", search=(0.0, 20.0))
     name: ClassVar[str] = "batch_linear"
-    ranges: ClassVar = {"a_us": (0.0, 500.0), "b_us": (0.0, 20.0)}
 
     def _per_step(self, f, L, tp):
         batch = np.asarray(f["n_prefill"]) + np.asarray(f["n_decode"])

@@ -20,8 +20,7 @@ from calib.physics.options import PhysicsOptions
 from calib.specs.hardware import HardwareSpec
 from calib.specs.model import ModelSpec
 
-__all__ = ["StepParts", "hardware_time", "step_time_us", "round_half_away", "prefill_bucket", "dynamic_bytes",
-           "per_layer_overhead_us"]
+__all__ = ["StepParts", "hardware_time", "step_time_us", "round_half_away", "prefill_bucket", "dynamic_bytes"]
 
 _BUCKET_MIN, _BUCKET_MAX = 512, 65536
 #: Causal-mask divisor on prefill attention FLOPs, inherited from InferSim (spec §3.4).
@@ -81,11 +80,6 @@ def dynamic_bytes(model: ModelSpec, pi: np.ndarray, n: np.ndarray) -> np.ndarray
     kv_read = k_tok * pi * np.where(one, 0.80, 0.92)
     act = model.num_layers * model.hidden_size * model.dtype_bytes * n * np.where(one, 0.75, 0.85)
     return k_tok * n + kv_read + act
-
-
-def per_layer_overhead_us(per_layer_us: float, model: ModelSpec, tp: int) -> float:
-    """The reference overhead rule: ``perLayerOverhead * L / TP`` µs per step."""
-    return per_layer_us * model.num_layers / tp
 
 
 def _gemm_shapes(model: ModelSpec) -> list[tuple[int, int]]:

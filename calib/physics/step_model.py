@@ -55,7 +55,7 @@ class StepModel:
         """:class:`calib.physics.fast.FastSteps` of this step model: cached step-at-a-time evaluation for replays."""
         from calib.physics.fast import FastSteps
 
-        return FastSteps(self)
+        return FastSteps(self, plain_parts=type(self).parts is StepModel.parts)
 
     def __getstate__(self):  # pickles and copies leave out the (rebuildable) caches of ``fast``
         state = dict(self.__dict__)

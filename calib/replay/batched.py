@@ -1,9 +1,11 @@
-"""Loaded-server replay: a :class:`~calib.data.traces.Trace` through the continuous-batching engine.
+"""Loaded-server replay, engine side: a :class:`~calib.data.traces.Trace` through the continuous-batching engine.
 
 This module turns a trace of a run under real load (``data/batched/``) into
-engine inputs, replays it with a step model and an overhead model
-(:func:`calib.replay.engine.run_engine`), and compares the prediction with the
-measurement per request, per run and per load stage.
+engine inputs (:func:`replay_inputs`) and replays them with a step model and
+an overhead model (:class:`BatchedRun`, :func:`calib.replay.engine.run_engine`)
+into per-request predicted times (:class:`BatchedReplay`).  Folders of runs,
+replays under a :class:`~calib.settings.Settings` and the per-run and
+per-stage statistics are :mod:`calib.replay.loaded`.
 
 What the replay assumes
 -----------------------
@@ -46,53 +48,31 @@ What the replay assumes
   that reaches it stops, marks the unfinished requests and says so
   (``hit_step_cap``).
 
-Metrics
--------
 Per request: TTFT, E2E and TPOT = (E2E - TTFT) / (O - 1) in ms (the same
 definition for prediction and measurement; the measured one from
-``ground_truth.json`` and the output rule, see ``data/README.md``).  TPOT
-statistics use the requests whose measured TPOT is defined (the ``exclude``
-rule leaves the short ones out).  Per run and per stage: mean, p50, p90, p99
-(NumPy's linear-interpolation percentiles).  APEs are ``|pred - meas| / meas``
-of the run (or stage) statistics, as fractions.
-
-Saturation
-----------
-A load stage *saturates* in the replay when its simulated queue grows without
-bound: the mean predicted queueing delay (admission - arrival) of the stage's
-last fifth of requests exceeds :data:`SATURATION_WAIT_MS` and has grown by more
-than :data:`SATURATION_GROWTH` seconds per second of the stage since its first
-fifth.  The measured stage is *stable* when its TTFT p50 over the last fifth
-is below :data:`STABLE_TTFT_MS` and below 3x that of the first fifth.  A
-*runaway* is a saturated replay of a stable stage: the prediction is then
-unusable for that stage, whatever its mean error.
+``ground_truth.json`` and the output rule, see ``data/README.md``).
+:meth:`BatchedReplay.summary` compares both sides over the same requests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from calib.data.traces import Stage, Trace
 from calib.errors import ConfigError, DataError
+from calib.metrics import METRICS, stats
 from calib.physics.overhead import OverheadModel
 from calib.physics.step_model import StepModel
 from calib.replay.engine import EngineResult, SchedulerConfig, StepTimer, run_engine
 
 __all__ = [
     "PREFIX_MODES",
-    "METRICS",
-    "STATS",
-    "APE_KEYS",
-    "SATURATION_WAIT_MS",
-    "SATURATION_GROWTH",
-    "STABLE_TTFT_MS",
     "ReplayInputs",
     "BatchedReplay",
     "BatchedRun",
@@ -100,27 +80,13 @@ __all__ = [
     "replay_inputs",
     "replay_requests",
     "window_trace",
-    "stats",
-    "ape_block",
     "mean_inflight",
-    "step_summary",
     "default_step_cap",
     "frame",
 ]
 
+#: Prefix-cache assumptions of :func:`replay_inputs`.
 PREFIX_MODES = ("auto", "groups", "profile", "none")
-#: Per-request metrics (ms).
-METRICS = ("ttft", "tpot", "e2e")
-#: Statistics of a metric over requests.
-STATS = ("mean", "p50", "p90", "p99")
-#: The four headline figures compared per run (issue 6).
-APE_KEYS = ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms")
-#: A stage saturates when its last fifth waits longer than this (ms) on average ...
-SATURATION_WAIT_MS = 1000.0
-#: ... and the mean wait grew by more than this many seconds per second of the stage.
-SATURATION_GROWTH = 0.005
-#: A measured stage is stable when its last-fifth TTFT p50 stays below this (ms) ...
-STABLE_TTFT_MS = 1000.0
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -412,71 +378,6 @@ def mean_inflight(start_ms: np.ndarray, end_ms: np.ndarray, at_from: np.ndarray,
     return out
 
 
-def _pct(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if values.size else float("nan")
-
-
-def stats(values) -> dict[str, float]:
-    """Mean, p50, p90, p99 of the finite values (NaN when there are none).
-
-    >>> stats([1.0, 2.0, 3.0, float("nan")])["p50"]
-    2.0
-    """
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return {"mean": float(v.mean()) if v.size else float("nan"), "p50": _pct(v, 50), "p90": _pct(v, 90),
-            "p99": _pct(v, 99)}
-
-
-def ape_block(pred: Mapping[str, Mapping[str, float]], meas: Mapping[str, Mapping[str, float]]) -> dict:
-    """``{ttft_mean_ms, tpot_mean_ms, e2e_mean_ms, e2e_p90_ms}`` of predicted, measured and APE (fractions)."""
-    def four(s):
-        return {"ttft_mean_ms": s["ttft"]["mean"], "tpot_mean_ms": s["tpot"]["mean"], "e2e_mean_ms": s["e2e"]["mean"],
-                "e2e_p90_ms": s["e2e"]["p90"]}
-
-    p, m = four(pred), four(meas)
-    ape = {k: (abs(p[k] - m[k]) / m[k] if m[k] and np.isfinite(m[k]) and np.isfinite(p[k]) else float("nan"))
-           for k in APE_KEYS}
-    return {"measured": m, "predicted": p, "ape": ape}
-
-
-def step_summary(steps: Mapping[str, np.ndarray], bins: Sequence[int] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
-                 ) -> dict:
-    """Per-step records -> counts and mean durations of pure-decode steps by batch size, and token totals.
-
-    Returns ``{"n_steps", "n_decode_only", "n_mixed", "n_prefill_only", "batch_size": stats,
-    "decode_only_by_batch": [{"batch_from", "batch_to", "n_steps", "mean_duration_ms"}], ...}``.
-    """
-    if not steps or len(steps.get("duration_us", [])) == 0:
-        return {"n_steps": 0}
-    dur = np.asarray(steps["duration_us"], float)
-    bsz = np.asarray(steps["batch_size"], np.int64)
-    ptok = np.asarray(steps["prefill_tokens"], np.int64)
-    dtok = np.asarray(steps["decode_tokens"], np.int64)
-    dec_only = (ptok == 0) & (dtok > 0)
-    pre_only = (ptok > 0) & (dtok == 0)
-    mixed = (ptok > 0) & (dtok > 0)
-    rows = []
-    edges = list(bins)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = dec_only & (dtok >= lo) & (dtok < hi)
-        if sel.any():
-            rows.append({"batch_from": int(lo), "batch_to": int(hi - 1), "n_steps": int(sel.sum()),
-                         "mean_batch": float(dtok[sel].mean()), "mean_duration_ms": float(dur[sel].mean() / 1e3)})
-    return {
-        "n_steps": int(len(dur)),
-        "n_decode_only": int(dec_only.sum()),
-        "n_mixed": int(mixed.sum()),
-        "n_prefill_only": int(pre_only.sum()),
-        "busy_s": float(dur.sum() / 1e6),
-        "batch_size": stats(bsz),
-        "prefill_tokens_per_prefill_step": stats(ptok[ptok > 0]),
-        "decode_only_duration_ms": stats(dur[dec_only] / 1e3),
-        "mixed_duration_ms": stats(dur[mixed] / 1e3),
-        "decode_only_by_batch": rows,
-    }
-
-
 @dataclass
 class BatchedReplay:
     """The outcome of one loaded-server replay, aligned with ``trace.requests``.
@@ -508,15 +409,21 @@ class BatchedReplay:
     hit_step_cap: bool
     steps: dict = field(default_factory=dict)
 
-    # ---- measured views ------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Requests of the trace (replayed or not)."""
+        return int(self.trace.requests.shape[0])
+
     @property
     def measured(self) -> dict[str, np.ndarray]:
+        """Measured ``ttft``, ``tpot``, ``e2e`` per request (ms)."""
         req = self.trace.requests
         return {"ttft": req["ttft_ms"].to_numpy(float), "tpot": req["tpot_ms"].to_numpy(float),
                 "e2e": req["e2e_ms"].to_numpy(float)}
 
     @property
     def predicted(self) -> dict[str, np.ndarray]:
+        """Predicted ``ttft``, ``tpot``, ``e2e`` per request (ms)."""
         return {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2e": self.e2e_ms}
 
     @property
@@ -524,19 +431,21 @@ class BatchedReplay:
         """Requests neither rejected nor finished (only when the step cap was hit)."""
         return int((~self.rejected & ~np.isfinite(self.e2e_ms)).sum())
 
-    def _masks(self, sel: np.ndarray) -> dict[str, np.ndarray]:
+    def compared(self, sel: np.ndarray) -> dict[str, np.ndarray]:
+        """Per metric, the requests of ``sel`` compared on both sides: those the replay finished (and, for
+        TPOT, whose measured and predicted TPOT are defined)."""
         done = sel & np.isfinite(self.e2e_ms)
         meas_tpot = np.isfinite(self.measured["tpot"])
         return {"ttft": done, "e2e": done, "tpot": done & meas_tpot & np.isfinite(self.tpot_ms)}
 
     def summary(self, sel: np.ndarray | None = None) -> dict:
-        """Measured and predicted statistics (:data:`STATS`) of :data:`METRICS` over ``sel`` (default all).
+        """Measured and predicted :func:`calib.metrics.stats` of each metric over ``sel`` (default all).
 
-        Both sides use the same requests: those the replay finished (and, for
-        TPOT, whose measured TPOT is defined).
+        Both sides use the same requests (:meth:`compared`).  Returns ``{"n", "n_compared", "n_tpot",
+        "measured": {metric: stats}, "predicted": {metric: stats}}``.
         """
-        sel = np.ones(self.trace.requests.shape[0], bool) if sel is None else np.asarray(sel, bool)
-        masks = self._masks(sel)
+        sel = np.ones(self.n, bool) if sel is None else np.asarray(sel, bool)
+        masks = self.compared(sel)
         meas, pred = self.measured, self.predicted
         return {
             "n": int(sel.sum()),
@@ -547,120 +456,9 @@ class BatchedReplay:
         }
 
     def stage_masks(self) -> list[np.ndarray]:
+        """One boolean mask over the requests per load stage."""
         st = self.trace.requests["stage"].to_numpy()
         return [st == k for k in range(len(self.trace.stages))]
-
-    def saturation(self, sel: np.ndarray) -> dict:
-        """Queue-growth diagnosis of the requests ``sel`` (one stage); see the module docstring."""
-        idx = np.flatnonzero(sel)
-        out = {"saturated": False, "measured_stable": True, "runaway": False}
-        if len(idx) < 10:
-            return out
-        fifth = max(len(idx) // 5, 1)
-        first, last = idx[:fifth], idx[-fifth:]
-        arr_s = self.trace.requests["arrival_us"].to_numpy(float) / 1e6
-        wait = self.wait_ms
-        unfinished = ~np.isfinite(self.e2e_ms) & ~self.rejected
-        w_first = float(np.nanmean(wait[first])) if np.isfinite(wait[first]).any() else float("nan")
-        w_last = float(np.nanmean(wait[last])) if np.isfinite(wait[last]).any() else float("inf")
-        span = float(arr_s[last].mean() - arr_s[first].mean()) or 1.0
-        growth = (w_last - (w_first if np.isfinite(w_first) else 0.0)) / 1e3 / span
-        never_started = bool(unfinished[last].any())
-        meas_ttft = self.measured["ttft"]
-        m_first, m_last = float(np.median(meas_ttft[first])), float(np.median(meas_ttft[last]))
-        saturated = never_started or (w_last > SATURATION_WAIT_MS and growth > SATURATION_GROWTH)
-        stable = m_last < STABLE_TTFT_MS and m_last < 3.0 * max(m_first, 1e-9)
-        ttft_last = self.ttft_ms[last]
-        out.update({
-            "saturated": bool(saturated),
-            "measured_stable": bool(stable),
-            "runaway": bool(saturated and stable),
-            "predicted_wait_first_ms": w_first,
-            "predicted_wait_last_ms": w_last,
-            "predicted_wait_growth_s_per_s": growth,
-            "predicted_ttft_p50_last_ms": float(np.nanmedian(ttft_last)) if np.isfinite(ttft_last).any()
-            else float("nan"),
-            "measured_ttft_p50_first_ms": m_first,
-            "measured_ttft_p50_last_ms": m_last,
-        })
-        return out
-
-    def report(self) -> dict:
-        """Run-level and per-stage statistics, APEs, saturation and replay counters (JSON-ready)."""
-        whole = self.summary()
-        st_out = []
-        for k, (mask, stage) in enumerate(zip(self.stage_masks(), self.trace.stages)):
-            s = self.summary(mask)
-            s.update({"stage": k, "rate": stage.rate, "duration_s": stage.duration_s})
-            s["headline"] = ape_block(s["predicted"], s["measured"])
-            s["saturation"] = self.saturation(mask)
-            s["batch"] = self.batch_profile(mask)
-            st_out.append(s)
-        head = ape_block(whole["predicted"], whole["measured"])
-        return {
-            "n_requests": int(self.trace.requests.shape[0]),
-            "headline": head,
-            "stats": {"measured": whole["measured"], "predicted": whole["predicted"], "n_compared":
-                      whole["n_compared"], "n_tpot": whole["n_tpot"]},
-            "stages": st_out,
-            "replay": {"n_steps": self.n_steps, "n_preemptions": self.n_preemptions,
-                       "hit_step_cap": self.hit_step_cap, "step_cap": self.inputs.scheduler.max_steps,
-                       "rejected_context": int(self.inputs.context_rejected.sum()),
-                       "rejected_kv": int((self.rejected & ~self.inputs.context_rejected).sum()),
-                       "unfinished": self.n_unfinished, "max_model_len": self.inputs.max_model_len,
-                       "prefix": self.inputs.prefix_source,
-                       "cached_prefill_pi": self.inputs.scheduler.cached_prefill_pi},
-            "steps": step_summary(self.steps),
-            "saturated_stages": [s["stage"] for s in st_out if s["saturation"]["saturated"]],
-            "runaway_stages": [s["stage"] for s in st_out if s["saturation"]["runaway"]],
-        }
-
-    def inflight(self) -> dict[str, np.ndarray]:
-        """Mean requests in flight during each request's decode phase, measured and predicted.
-
-        A request is in flight from arrival to completion (measured: arrival +
-        E2E; predicted: the replay's).  The mean over ``[arrival + TTFT,
-        arrival + E2E]`` approximates the decode batch the request ran in.
-        """
-        arr = self.trace.requests["arrival_us"].to_numpy(float) / 1e3
-        meas, pred = self.measured, self.predicted
-        out = {}
-        for key, side in (("measured", meas), ("predicted", pred)):
-            end = arr + side["e2e"]
-            out[key] = mean_inflight(arr, end, arr + side["ttft"], end)
-        return out
-
-    def batch_profile(self, sel: np.ndarray | None = None, edges: Sequence[float] = (0, 4, 8, 16, 24, 32, 48, 64, 96,
-                                                                                      128, 1e9)) -> list[dict]:
-        """Measured and predicted mean TPOT by mean in-flight batch (bins of :meth:`inflight`)."""
-        sel = np.ones(self.trace.requests.shape[0], bool) if sel is None else np.asarray(sel, bool)
-        infl = self.inflight()
-        meas_tpot, pred_tpot = self.measured["tpot"], self.tpot_ms
-        rows = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            row = {"batch_from": float(lo), "batch_to": float(hi) if hi < 1e8 else None}
-            for key, tpot in (("measured", meas_tpot), ("predicted", pred_tpot)):
-                b = infl[key]
-                m = sel & np.isfinite(b) & np.isfinite(tpot) & (b >= lo) & (b < hi)
-                row[key] = {"n": int(m.sum()), "mean_batch": float(b[m].mean()) if m.any() else None,
-                            "mean_tpot_ms": float(tpot[m].mean()) if m.any() else None}
-            if row["measured"]["n"] or row["predicted"]["n"]:
-                rows.append(row)
-        return rows
-
-    def scatter(self, max_points: int = 200) -> dict:
-        """Every k-th request's measured and predicted E2E and TTFT (ms, 0.1 ms), k = ceil(n / max_points)."""
-        n = self.trace.requests.shape[0]
-        k = max(1, math.ceil(n / max_points))
-        idx = np.arange(0, n, k)
-        meas = self.measured
-
-        def r(a):
-            return [None if not np.isfinite(x) else round(float(x), 1) for x in a[idx]]
-
-        return {"every": k, "measured_e2e_ms": r(meas["e2e"]), "predicted_e2e_ms": r(self.e2e_ms),
-                "measured_ttft_ms": r(meas["ttft"]), "predicted_ttft_ms": r(self.ttft_ms),
-                "stage": self.trace.requests["stage"].to_numpy()[idx].tolist()}
 
 
 def replay_requests(timer: StepTimer, inputs: ReplayInputs) -> EngineResult:
@@ -707,13 +505,18 @@ class BatchedRun:
     >>> from calib.physics.overhead import PerLayer
     >>> run = BatchedRun(trace)  # doctest: +SKIP
     >>> rep = run.run(StepModel.build(trace.model, trace.tp), PerLayer(80.0))  # doctest: +SKIP
-    >>> rep.report()["headline"]["ape"]  # doctest: +SKIP
+    >>> rep.summary()["predicted"]["tpot"]["mean"]  # doctest: +SKIP
     """
 
     def __init__(self, trace: Trace, **input_options: Any):
         self.trace = trace
         self._options = dict(input_options)
         self._inputs: dict[int, ReplayInputs] = {}
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The :func:`replay_inputs` options this run was made with (a copy)."""
+        return dict(self._options)
 
     def inputs(self, model_max_context: int = 0) -> ReplayInputs:
         """The engine inputs (built once per model context length)."""

@@ -143,8 +143,8 @@ class StepTimer:
     overhead : OverheadModel or None
         ``None``: no overhead.
     memo : dict, optional
-        Accepted for compatibility and unused: the step-time caches now live in
-        ``step_model.fast``.
+        Ignored (the step-time caches live in ``step_model.fast``); still
+        accepted because :class:`calib.replay.synchronous.SyncReplay` passes it.
     fast : bool
         ``False`` times every step with a plain ``step_model.parts`` call (the
         straightforward reference, no caches; slow).
@@ -154,7 +154,6 @@ class StepTimer:
                  fast: bool = True):
         self.step_model = step_model
         self.overhead = overhead
-        self.memo = {} if memo is None else memo
         self.fast = bool(fast)
         self.steps = step_model.fast
         self._ovh: dict[tuple[int, int, int], float] = {}
@@ -193,10 +192,6 @@ class StepTimer:
         dpi = (pis[None, :] + np.arange(k, dtype=np.int64)[:, None]).reshape(-1)
         e = np.zeros(0, np.int64)
         return self.hardware_us(StepBatch(k, e, e, e, steps, dpi))
-
-    def single_us(self, p_pi: list, p_n: list, d_pi: list) -> float:
-        """Hardware µs of one step given its prefill (PI, n) and decode PIs."""
-        return self.step_hw_us(list(p_pi), list(p_n), d_pis=list(d_pi))
 
     # ---- overhead and rounding --------------------------------------------------------------
 

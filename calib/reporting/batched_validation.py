@@ -12,13 +12,13 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from calib.metrics import APE_KEYS
 from calib.reporting.plots import plt, save
 from calib.reporting.tables import md_table, pct
 
 __all__ = ["write", "runs_table", "stage_table", "group_table", "scatter_grid", "diagnosis_lines", "rule_lines",
            "short", "ms"]
 
-APE_KEYS = ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms")
 APE_NAMES = {"ttft_mean_ms": "TTFT", "tpot_mean_ms": "TPOT", "e2e_mean_ms": "E2E", "e2e_p90_ms": "E2E p90"}
 
 
@@ -32,10 +32,6 @@ def ms(x) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return f"{x:.1f}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
-def _flag(ok) -> str:
-    return "yes" if ok else "**no**"
 
 
 def runs_table(entries: Sequence[dict], *, show_calibration: bool = False) -> str:
@@ -78,8 +74,11 @@ def group_table(groups_by_label: dict) -> str:
                         f"({agg['n_runs_without_runaway']} runs)") if calm else "—"
             rows.append([label, g, agg["n_runs"], *[pct(mape[k]) for k in APE_KEYS],
                          ", ".join(short(r) for r in agg.get("runaway_runs", [])) or "none", calm_txt, verdict])
-    return md_table(["calibration", "runs", "n", *[f"{APE_NAMES[k]} MAPE" for k in APE_KEYS], "runaway runs",
-                     "TPOT / E2E / TTFT MAPE without runaway runs", "verdict"], rows)
+    table = md_table(["calibration", "runs", "n", *[f"{APE_NAMES[k]} MAPE" for k in APE_KEYS], "runaway runs",
+                      "TPOT / E2E / TTFT MAPE without runaway runs", "verdict"], rows)
+    named = next((agg["aggregation"] for groups in groups_by_label.values() for agg in groups.values()
+                  if agg and agg.get("aggregation")), None)
+    return table + (f"\n\nMAPE: {named}." if named else "")
 
 
 def stage_table(entries: Sequence[dict]) -> str:

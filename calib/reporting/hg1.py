@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from calib.reporting.common import abstract_block
 from calib.reporting.plots import plt, save
 from calib.reporting.tables import md_table, pct
 
@@ -30,17 +31,58 @@ def criteria_table(r: dict) -> str:
     return md_table(["criterion", "rule", "observed", "verdict"], rows)
 
 
+def reproduction_table(r: dict) -> str:
+    """Published vs reproduced figures (also printed by ``calib hg1``); empty when the study names none."""
+    rep = r.get("reproduction")
+    if not rep:
+        return ""
+    pub, got = rep["published"], rep["reproduced"]
+    rows = [["coarse optimum", f"{pub['coarse_optimum_us']:g} µs", f"{got['coarse_optimum_us']:g} µs"],
+            ["fine optimum", f"{pub['fine_optimum_us']:g} µs", f"{got['fine_optimum_us']:g} µs"],
+            ["train TPOT MAPE (mean over experiments)", pct(pub["train_tpot_mape"]), pct(got["train_tpot_mape"])],
+            ["test TPOT MAPE (mean over experiments)", pct(pub["test_tpot_mape"]), pct(got["test_tpot_mape"])]]
+    return md_table(["figure", "published", "calib"], rows)
+
+
+def reproduction_line(r: dict) -> str:
+    """One line: reproduced yes/no and on what grounds (separate from the accept criteria's verdict)."""
+    rep = r.get("reproduction")
+    if not rep:
+        return ""
+    why = (f"optima {'identical' if rep['optima_match'] else 'differ'}; train TPOT MAPE "
+           f"{'within' if rep['train_within_tolerance'] else 'outside'} ±{100 * rep['train_tolerance']:.1f} pp")
+    return f"reproduced: {rep['verdict']} ({why}); the test MAPE is compared, not checked (see the note)"
+
+
+def abstract(r: dict) -> list[str]:
+    """Three lines from the results: the optimum and its errors, the criteria, the reproduction."""
+    sp = r["splits"]
+    crit = r["criteria"]
+    passed = sum(c["passed"] for c in crit)
+    third = reproduction_line(r) or "This study names no published figures to reproduce."
+    return [f"Optimum **{r['optimum_us']:g} µs** on {len(r['settings']['split']['train'])} train experiments: mean "
+            f"TPOT APE over experiments {pct(sp['train']['tpot_mape']['optimum'])} train, "
+            f"{pct(sp['test']['tpot_mape']['optimum'])} test.",
+            f"Accept criteria: {passed} of {len(crit)} pass (verdict **{r['verdict']}**).", third[0].upper() + third[1:]]
+
+
 def write(r: dict, out: Path) -> list[Path]:
     s = r["settings"]
     phases = [p["phase"] for p in r["landscape"]]
     phase_names = list(dict.fromkeys(phases))
-    lines = [f"# Study `{r['study']}` (HG1 protocol)", ""]
+    lines = [f"# Study `{r['study']}` (HG1 protocol)", "", *abstract_block(abstract(r))]
     lines += [f"Mode **{r['mode']}**: predicted TPOT is the **{r['tpot_definition']}** definition "
               f"({'mean (E2E−TTFT)/(O−1)' if r['tpot_definition'] == 'itl' else 'ΣE2E/ΣO, like GuideLLM'}), "
               f"phantom last step {'on' if r['phantom_last_step'] else 'off'}; measured TPOT is GuideLLM's "
               "`time_per_output_token_ms` (ΣE2E/ΣO, first token included). All errors are APEs of experiment means.",
               "", f"Verdict: **{r['verdict']}** · optimum **{r['optimum_us']:g} µs** · worst experiment "
               f"`{r['worst_experiment']['experiment']}` ({pct(r['worst_experiment']['tpot_ape'])} TPOT APE)", ""]
+    if r.get("reproduction"):
+        rep = r["reproduction"]
+        lines += ["## Published vs reproduced", "", f"**{reproduction_line(r)}**", "", reproduction_table(r), "",
+                  rep["test_note"].strip(), "", f"Source: {rep['source']}.", "",
+                  "The accept criteria below are the study's own pre-registered hypothesis test; they fail in the "
+                  "published study too, so FAIL there is the reproduced result, not a failed reproduction.", ""]
     # 1. landscape
     lines += ["## 1. Train loss landscape", ""]
     for ph in phase_names:

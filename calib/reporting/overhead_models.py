@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from calib.reporting.plots import plt, save
-from calib.reporting.split_sensitivity import mode_line, settings_section
+from calib.reporting.common import mode_line, settings_section
 from calib.reporting.tables import md_table, pct
 
 __all__ = ["write"]

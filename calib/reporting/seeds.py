@@ -5,16 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from calib.reporting.plots import plt, save
-from calib.reporting.split_sensitivity import mode_line, settings_section
+from calib.reporting.common import abstract_block, mode_line, settings_section
 from calib.reporting.tables import md_table, pct
 
 __all__ = ["write"]
 
 
+def abstract(r: dict) -> list[str]:
+    """Three lines from the results: how far the optimum and the test error move, and how often the verdict
+    changes."""
+    lo = min(s["optimum_us"]["min"] for s in r["summary"])
+    hi = max(s["optimum_us"]["max"] for s in r["summary"])
+    tlo = min(s["test_tpot_mape"]["min"] for s in r["summary"])
+    thi = max(s["test_tpot_mape"]["max"] for s in r["summary"])
+    runs = sum(s["n_runs"] for s in r["summary"])
+    passed = sum(s["verdict_pass_share"] * s["n_runs"] for s in r["summary"])
+    return [f"Over {runs} runs (length source × request seed × TPOT definition) the optimum spans {lo:g}–{hi:g} µs.",
+            f"Test TPOT (mean APE over the test experiments) spans {pct(tlo)}–{pct(thi)}.",
+            f"The accept criteria all pass in {passed:.0f} of {runs} runs."]
+
+
 def write(r: dict, out: Path) -> list[Path]:
     crit = [c["name"] for c in r["criteria_spec"]]
     h = r["headline"]
-    lines = [f"# Study `{r['study']}`: request seeds, length sampler and TPOT definition", "", mode_line(r), "",
+    lines = [f"# Study `{r['study']}`: request seeds, length sampler and TPOT definition", "",
+             *abstract_block(abstract(r)), mode_line(r), "",
              "The headline HG1 search (published split, HG1 phases) rerun for every request-length source, request "
              "seed and TPOT definition. `itl`: predicted TPOT = mean (E2E−TTFT)/(O−1); `guidellm`: ΣE2E/ΣO, the "
              "quantity GuideLLM measured. Both come from the same replays.", ""]

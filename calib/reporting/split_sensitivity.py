@@ -2,48 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from calib.reporting.plots import plt, save
+from calib.reporting.common import abstract_block, dist_table, mode_line, settings_section
 from calib.reporting.tables import md_table, pct
 
-__all__ = ["write", "settings_section", "mode_line", "dist_table"]
-
-
-def mode_line(r: dict) -> str:
-    """One sentence on what is compared (mode, TPOT definition, phantom step)."""
-    d = r.get("tpot_definition")
-    what = "mean (E2E−TTFT)/(O−1)" if d == "itl" else "ΣE2E/ΣO, like GuideLLM"
-    return (f"Mode **{r['mode']}**: predicted TPOT is the **{d}** definition ({what}), phantom last step "
-            f"{'on' if r.get('phantom_last_step') else 'off'}; measured TPOT is GuideLLM's `time_per_output_token_ms`."
-            " Errors are APEs of experiment means; MAPEs are means over experiments.")
-
-
-def _text(v) -> str:
-    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-
-
-def settings_section(r: dict) -> list[str]:
-    """The 'rerun exactly' section: sampler, seeds, trials, storage, then every setting as JSON."""
-    s = r["settings"]
-    lines = ["## Settings (to rerun exactly)", "",
-             f"- sampler: {s.get('sampler')}",
-             f"- seeds: {json.dumps(s.get('seeds', {'request_seed': s.get('request_seed')}), sort_keys=True)}",
-             f"- trials: {_text(s.get('trials', 'exhaustive grid'))}",
-             f"- storage: {s.get('storage')} (Optuna study names below; a rerun on the same storage resumes)",
-             f"- rerun: `calib study run studies/{s.get('study_file')}`", "", "```json",
-             json.dumps(s, indent=2, sort_keys=True), "```", ""]
-    return lines
-
-
-def dist_table(rows: list[tuple[str, dict]], as_pct: bool = True) -> str:
-    """Distribution summaries (``distribution()`` dicts) as one table."""
-    f = pct if as_pct else (lambda x: f"{x:.1f}")
-    keys = ["mean", "std", "min", "p05", "p25", "median", "p75", "p95", "max"]
-    return md_table(["quantity", *keys], [[name, *[f(d[k]) for k in keys]] for name, d in rows])
+__all__ = ["write", "abstract"]
 
 
 def _pp(x: float) -> str:
@@ -62,12 +29,24 @@ def _published_lines(r: dict, crit_names: list[str]) -> list[str]:
             + ", ".join(f"{c} {'PASS' if p else 'FAIL'}" for c, p in zip(crit_names, pub["criteria_passed"])) + "."]
 
 
+def abstract(r: dict) -> list[str]:
+    """Three lines from the results: how large the gap is over splits, how often the criteria pass, the
+    published split's place."""
+    sm, pub = r["summary"], r["published_split"]
+    third = (f"The published split's gap is at percentile {r['published_split_percentile']:.0f} of the "
+             f"{sm['n_splits']} splits." if pub else "No published split was given.")
+    return [f"Over {sm['n_splits']} train/test splits the gap (test − train mean TPOT APE over experiments) has "
+            f"median {_pp(sm['gap']['median'])} (5–95 %: {_pp(sm['gap']['p05'])} … {_pp(sm['gap']['p95'])}).",
+            f"Every criterion passes together on {pct(sm['all_criteria_pass_share'])} of splits; the train optimum "
+            f"spans {sm['optimum_us']['min']:g}–{sm['optimum_us']['max']:g} µs.", third]
+
+
 def write(r: dict, out: Path) -> list[Path]:
     sm, pub = r["summary"], r["published_split"]
     crit_names = [c["name"] for c in r["criteria"]]
     verdict = (lambda ok: "PASS" if ok else "FAIL") if pub else (lambda ok: "n/a")
     pub_passed = pub["criteria_passed"] if pub else [None] * len(crit_names)
-    lines = [f"# Study `{r['study']}`: split sensitivity", "", mode_line(r), "",
+    lines = [f"# Study `{r['study']}`: split sensitivity", "", *abstract_block(abstract(r)), mode_line(r), "",
              f"The HG1 search ({', '.join(p['name'] for p in r['settings']['phases'])} grid on the train fold, "
              f"objective {r['settings']['objective']}, ties to the smaller value) was run on each of the "
              f"**{sm['n_splits']}** splits of `{r['splitter']}`. Per-experiment APEs at each grid value were "

@@ -18,10 +18,12 @@ from pathlib import Path
 import yaml
 
 from calib.errors import ConfigError
+from calib.resources import config_path
 
 __all__ = ["HardwareSpec", "load_hardware", "available_hardware"]
 
-HARDWARE_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
+#: The shipped hardware files (``configs/hardware``).
+HARDWARE_DIR = config_path("hardware")
 _FIELDS = {"name", "tflops_peak", "bw_peak_tbs", "bw_efficiency", "mfu_table", "memory_gib", "tflops_fp8", "description"}
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from calib.errors import ConfigError
+from calib.resources import config_path
 
 __all__ = [
     "MFU_RULES",
@@ -48,8 +49,8 @@ TP_FALLBACKS = ("tp1", "nearest")
 MFU_FORMAT = "calib-mfu/1"
 #: Results below this are treated as "zero" and trigger the zero fallback (spec §4).
 MFU_ZERO = 1e-4
-#: Where the embedded tables live: ``<repo>/configs/mfu``.
-MFU_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "mfu"
+#: Where the embedded tables live: the shipped ``configs/mfu``.
+MFU_CONFIG_DIR = config_path("mfu")
 
 _GEMM_COLS = ("m", "k", "n", "mfu")
 _PREFILL_COLS = ("seq_len", "mfu")
@@ -600,7 +601,7 @@ def import_bench_data(bench_dir: str | Path, gpu: str, out: str | Path | None = 
 
     Examples
     --------
-    >>> db = import_bench_data("/work/shared/data/bench_data", "H100")  # doctest: +SKIP
+    >>> db = import_bench_data("data/bench_data", "H100")  # doctest: +SKIP
     >>> len(db.decode)  # doctest: +SKIP
     18
     """
@@ -718,7 +719,7 @@ def load_mfu(name_or_path: str | Path, *, gpu: str | None = None) -> MFUDatabase
     ----------
     name_or_path : str or Path
         A short GPU name such as ``"h100"`` (case-insensitive), read from
-        ``<repo>/configs/mfu/<name>.json``; or the path of a calib MFU JSON file;
+        the shipped ``configs/mfu/<name>.json``; or the path of a calib MFU JSON file;
         or the path of a raw ``bench_data`` directory, imported in memory.
     gpu : str, optional
         Which GPU to import from a ``bench_data`` directory.  Needed only when

@@ -21,11 +21,12 @@ from typing import Any, Mapping
 import yaml
 
 from calib.errors import ConfigError
+from calib.resources import config_path
 
 __all__ = ["ModelSpec", "load_model", "available_models", "DTYPE_BYTES", "EXPERT_COUNT_KEYS"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "configs" / "models"
+#: The shipped model files (``configs/models``).
+MODELS_DIR = config_path("models")
 
 #: Bytes per parameter for each ``torch_dtype`` (spec §1.1).
 DTYPE_BYTES: Mapping[str, int] = {

@@ -45,13 +45,14 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from calib.errors import CalibError, StudyError
-from calib.estimator import RooflineRegressor
+from calib.estimators.roofline import RooflineRegressor
 from calib.metrics import ape
-from calib.model_selection import Fold, group_labels, make_splitter, materialize_splits
-from calib.studies.search import quiet_optuna
-from calib.studies.spec import Strict
+from calib.calibrate.model_selection import Fold, group_labels, make_splitter, materialize_splits
+from calib.calibrate.trials import quiet_optuna
+from calib.studies.context import RunContext
+from calib.studies.spec import StudyBase, Strict
 
-__all__ = ["CandidateStore", "Predictions", "GridApe", "phased_optima", "window_values", "SearchParam",
+__all__ = ["CandidateStore", "Predictions", "GridApe", "phased_optima", "SearchParam", "grid_store", "fold_metrics",
            "tpe_search", "best_trial", "pareto_front", "derive_seed", "qmc_pool", "space_size", "SplitterSpec",
            "build_folds", "fingerprint", "dataset_fingerprint", "predict_experiments", "worker_result",
            "store_record", "require_columns", "MEASURED", "METRIC_NAMES"]
@@ -172,7 +173,7 @@ class CandidateStore:
         self.study_name = study_name
         self.progress = progress
         est = RooflineRegressor(**self.base)
-        self.tpot_definition = tpot_definition or est._tpot_def
+        self.tpot_definition = tpot_definition or est.settings().replay.tpot
         self._evaluate = evaluate or predict_experiments
         self.chunk_size = int(chunk_size)
         self._experiments = tuple(str(i) for i in X.index)
@@ -247,7 +248,7 @@ class GridApe:
     ----------
     store : CandidateStore
     parameter : str
-        Estimator parameter the grid varies (e.g. ``per_layer_overhead_us``).
+        Estimator parameter the grid varies (e.g. ``per_layer_us``).
     tpot_definition : str, optional
         Override of the store's TPOT definition.
 
@@ -270,12 +271,6 @@ class GridApe:
         return self.predictions(values).ape(metric)
 
 
-def window_values(centre: float, radius: float, step: float, low_bound: float) -> list[float]:
-    """The HG1 fine phase: ``centre ± radius`` in steps of ``step``, clipped at ``low_bound``."""
-    n = int(round(radius / step))
-    return sorted({round(centre + i * step, 9) for i in range(-n, n + 1) if centre + i * step >= low_bound})
-
-
 def phased_optima(grid: GridApe, phases: Sequence[Any], train_idx: Sequence[np.ndarray], metric: str = "tpot",
                   desc: str | None = None) -> list[dict[str, float]]:
     """The HG1 phased grid search, run for every train fold of ``train_idx`` at once.
@@ -283,7 +278,7 @@ def phased_optima(grid: GridApe, phases: Sequence[Any], train_idx: Sequence[np.n
     Parameters
     ----------
     grid : GridApe
-    phases : sequence of :class:`calib.studies.kinds.hg1.Phase`
+    phases : sequence of :class:`calib.studies.common.Phase`
         The first phase has a ``grid``; later ones a grid or ``around`` an
         earlier phase's optimum (``± radius`` in ``step``, clipped at the first
         phase's low end).
@@ -298,11 +293,14 @@ def phased_optima(grid: GridApe, phases: Sequence[Any], train_idx: Sequence[np.n
         Per fold, ``{phase name: optimum}``; ties go to the smaller value.
         Every grid value any fold needs is evaluated once, for all folds.
     """
-    low_bound = phases[0].grid.low
+    from calib.calibrate import Range
+
+    dim = Range(phases[0].grid.low, phases[0].grid.high)
     optima: list[dict[str, float]] = [dict() for _ in train_idx]
     for ph in phases:
+        phase = ph.to_phase()  # the calibration core's Grid / Refine: one formula for the phase values
         if ph.grid is not None:
-            fixed = tuple(ph.grid.values())
+            fixed = tuple(phase.values(dim, None))
             windows = [fixed] * len(train_idx)
         else:
             cache: dict[float, tuple] = {}
@@ -310,7 +308,7 @@ def phased_optima(grid: GridApe, phases: Sequence[Any], train_idx: Sequence[np.n
             for opt in optima:
                 c = opt[ph.around]
                 if c not in cache:
-                    cache[c] = tuple(window_values(c, ph.radius, ph.step, low_bound))
+                    cache[c] = tuple(phase.values(dim, c))
                 windows.append(cache[c])
         union = sorted(set().union(*windows))
         A = grid.predictions(union, desc=f"{desc or 'grid'} {ph.name}").ape(metric)
@@ -408,7 +406,7 @@ def qmc_pool(space: Mapping[str, SearchParam], n: int, seed: int) -> list[dict]:
 
 
 def derive_seed(*key: int) -> int:
-    """A sampler seed from integers (``numpy.random.SeedSequence``), as :mod:`calib.studies.search` derives them."""
+    """A sampler seed from integers (``numpy.random.SeedSequence``), as :mod:`calib.calibrate.trials` derives them."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
 
 
@@ -424,7 +422,7 @@ def tpe_search(study_name: str, storage, space: Mapping[str, SearchParam],
     ask/tell cycle, as much as the replay of a trial, and this keeps the
     storage cost near 20 ms per trial.  Each trial gets a fresh
     :class:`optuna.samplers.TPESampler` seeded from ``(seed, completed
-    trials)`` (the rule of :func:`calib.studies.search.tpe_search`), so a
+    trials)`` (the rule of :func:`calib.calibrate.trials.tpe_search`), so a
     resumed search proposes the same trials as an uninterrupted one.  Unlike
     that function, the trials of one search are not shared between worker
     processes.
@@ -622,3 +620,19 @@ def require_columns(X: pd.DataFrame, columns: Iterable[str], source: str, field:
         if c not in X.columns:
             raise StudyError(f"experiments table has no column {c!r}; columns: {', '.join(map(str, X.columns))}",
                              file=source, field=f"{field}[{i}]")
+
+
+def grid_store(spec: StudyBase, X: pd.DataFrame, ctx: RunContext, base: dict, label: str = "grid") -> CandidateStore:
+    """The candidate store of a study's grid (its Optuna study is named after the dataset and estimator)."""
+    name = f"{spec.name}-{label}-{fingerprint(base, dataset_fingerprint(X))}"
+    return CandidateStore(X, base, ctx.storage, name, progress=ctx.progress)
+
+
+def fold_metrics(P: Predictions, row: int, fold: Fold) -> dict[str, dict[str, float]]:
+    """``{metric_mape: {train, test, all}}`` at candidate ``row`` of ``P`` for one fold."""
+    out = {}
+    for m in ("tpot", "ttft", "e2e"):
+        a = P.ape(m)[row]
+        out[f"{m}_mape"] = {"train": float(a[fold.train_idx].mean()), "test": float(a[fold.test_idx].mean()),
+                            "all": float(a.mean())}
+    return out

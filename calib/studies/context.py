@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from calib.studies.storage import default_storage_url, describe_storage, open_storage
+from calib.studies.storage import default_storage_url, describe_storage
 
 __all__ = ["RunContext"]
 
@@ -59,8 +59,11 @@ class RunContext:
     def storage(self):
         """The opened Optuna storage (opened once, on first use)."""
         if self._storage is None:
-            self._storage = open_storage(self.url, heartbeat_interval=self.heartbeat_interval,
-                                         grace_period=self.grace_period)
+            from calib.calibrate.trials import forget_storage, open_storage_cached
+
+            forget_storage(self.url)  # a new run opens its storage anew (the file may have been removed)
+            self._storage = open_storage_cached(self.url, heartbeat_interval=self.heartbeat_interval,
+                                                grace_period=self.grace_period)
         return self._storage
 
     @property

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from calib.estimator import RooflineRegressor
+from calib.estimators.roofline import RooflineRegressor
 from calib.metrics import ape
 
 __all__ = ["evaluate", "MEASURED"]

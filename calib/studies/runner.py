@@ -3,9 +3,13 @@
 With ``workers > 1`` the lead process starts ``workers - 1`` worker processes
 (:class:`calib.studies.workers.WorkerPool`) on the same storage and runs the
 study itself as well; every process runs the same study code, and the
-searches of :mod:`calib.studies.search` share out the trials.  Only the lead
+searches of :mod:`calib.calibrate.trials` share out the trials.  Only the lead
 writes ``results.json`` and the report, from the storage, so they are the ones
-a serial run writes.
+a serial run writes.  A worker's side of the study is
+:func:`calib.studies.workers.run_worker` (re-exported here).  Every results.json
+starts with the envelope of :mod:`calib.studies.results` (results version,
+study, kind, mode, seeds, software versions), and a kind's output is checked
+against its ``Results`` schema before anything is written.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from calib.calibrate.trials import recording
 from calib.errors import StudyError
 from calib.studies.context import RunContext
 from calib.studies.kinds import KINDS
-from calib.studies.search import recording
-from calib.studies.storage import check_shareable
+from calib.studies.results import Envelope, check_results, software_versions
 from calib.studies.spec import load_study_file
+from calib.studies.storage import check_shareable
+from calib.studies.workers import run_worker
 
 __all__ = ["run_study", "run_worker", "write_results"]
 
@@ -58,12 +64,15 @@ def _check_workers(workers: int) -> int:
     return workers
 
 
-def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | None = None, progress: bool = True,
-              report: bool = True, workers: int = 1, heartbeat_interval: int | None = None,
+def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None = None, storage: str | None = None,
+              progress: bool = True, report: bool = True, workers: int = 1, heartbeat_interval: int | None = None,
               grace_period: int | None = None) -> dict:
     """Run ``study_file`` and write ``results.json`` (+ ``REPORT.md`` and plots) into ``out_dir``.
 
     A rerun with the same storage resumes: completed trials are not repeated.
+    A study file with ``modes: [reference, corrected]`` runs every mode, one
+    after another, into ``out_dir/<mode>/`` and returns ``{mode: results}``;
+    ``mode=`` runs one of them into ``out_dir`` itself.
 
     Parameters
     ----------
@@ -71,6 +80,8 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | Non
         The study file (YAML).
     out_dir : str or Path
         Output folder; also holds the default storage.
+    mode : {"reference", "corrected"}, optional
+        Run only this mode of a study with ``modes``.
     storage : str, optional
         Optuna storage URL (default: ``optuna.db`` in ``out_dir``, or
         ``optuna.journal`` when ``workers > 1``).
@@ -87,30 +98,46 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | Non
     Returns
     -------
     dict
-        The results, as written to ``results.json``.
+        The results, as written to ``results.json`` (``{mode: results}`` for several modes).
     """
     _check_workers(workers)
     spec = load_study_file(study_file)
-    ctx = RunContext(Path(out_dir), storage_url=storage, progress=progress, study_file=Path(study_file).name,
+    modes = [mode] if mode is not None else spec.mode_list()
+    options = dict(storage=storage, progress=progress, report=report, workers=workers,
+                   heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    if len(modes) > 1:
+        if workers > 1:
+            raise StudyError(f"study {spec.name!r} runs in modes {', '.join(modes)}; with --workers choose one with "
+                             "--mode (workers share one mode's trials)", field="--mode")
+        return {m: _run_one(spec.for_mode(m), study_file, Path(out_dir) / m, mode=m, **options) for m in modes}
+    return _run_one(spec.for_mode(modes[0]), study_file, Path(out_dir), mode=modes[0], **options)
+
+
+def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report, workers, heartbeat_interval,
+             grace_period) -> dict:
+    ctx = RunContext(out_dir, storage_url=storage, progress=progress, study_file=Path(study_file).name,
                      workers=workers, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     if workers > 1:
         check_shareable(ctx.url)
     storage = ctx.storage  # open (and so validate) the storage before any worker starts
     if workers > 1 and hasattr(storage, "engine"):
         storage.engine.dispose()  # forked workers must not inherit this process's database connections
+    kind = KINDS[spec.kind]
     with recording() as log:
         if workers > 1:
             from calib.studies.workers import WorkerPool
 
-            with WorkerPool(study_file, ctx.url, workers - 1, heartbeat_interval=heartbeat_interval,
+            with WorkerPool(study_file, ctx.url, workers - 1, mode=mode, heartbeat_interval=heartbeat_interval,
                             grace_period=grace_period):
-                results = KINDS[spec.kind].run(spec, ctx)
+                results = kind.run(spec, ctx)
         else:
-            results = KINDS[spec.kind].run(spec, ctx)
+            results = kind.run(spec, ctx)
     if workers > 1 and not log:
         print(f"calib: note: study kind {spec.kind!r} has no search that workers share; the {workers - 1} extra "
               "worker(s) repeated the lead's work", file=sys.stderr)
+    check_results(kind, results)
     _record_samplers(results, log)
+    results = {**_envelope(spec, results, log), **results}
     write_results(results, ctx.out_dir)
     if report:
         from calib.reporting import write_report
@@ -119,23 +146,11 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, storage: str | Non
     return results
 
 
-def run_worker(study_file: str | Path, storage: str, *, progress: bool = False, heartbeat_interval: int | None = None,
-               grace_period: int | None = None) -> dict:
-    """Join the study of ``study_file`` in ``storage`` as a worker: evaluate trials until the study is done.
-
-    Nothing is written besides the trials in the storage.  Returns a summary
-    ``{"study", "worker", "searches": [...], "evaluated": n}``.
-    """
-    from calib.studies.search import worker_id
-
-    if not storage:
-        raise StudyError("a worker needs the storage URL of the study", field="--storage")
-    check_shareable(storage)
-    spec = load_study_file(study_file)
-    with tempfile.TemporaryDirectory(prefix="calib-worker-") as tmp:
-        ctx = RunContext(Path(tmp), storage_url=storage, progress=progress, study_file=Path(study_file).name,
-                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, role="worker")
-        with recording() as log:
-            KINDS[spec.kind].run(spec, ctx)
-    return {"study": spec.name, "worker": worker_id(), "searches": log,
-            "evaluated": sum(e.get("evaluated", 0) for e in log)}
+def _envelope(spec, results: dict, log: list[dict]) -> dict:
+    """The keys every results.json carries, filled once here for every kind."""
+    settings = results.get("settings") if isinstance(results.get("settings"), dict) else {}
+    seeds = {"request_seed": settings.get("request_seed"),
+             "search_seeds": sorted({e["seed"] for e in log if e.get("seed") is not None})}
+    env = Envelope(study=spec.name, kind=spec.kind, mode=results.get("mode") or spec.estimator.get("mode"),
+                   seeds=seeds, software=software_versions())
+    return env.model_dump()

@@ -19,6 +19,8 @@ from calib.errors import StudyError
 __all__ = ["Strict", "Criterion", "GridRange", "StudyBase", "load_study_file", "parse_study", "METRICS"]
 
 METRICS = ("tpot_mape", "e2e_mape", "ttft_mape")
+#: Largest grid a study file may ask for (a typo in a step must not hang a study).
+MAX_GRID_POINTS = 100_000
 
 
 class Strict(BaseModel):
@@ -54,14 +56,17 @@ class Criterion(Strict):
 class GridRange(Strict):
     """``low`` to ``high`` inclusive in steps of ``step``."""
 
-    low: float
-    high: float
-    step: float = Field(gt=0)
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
+    step: float = Field(gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _not_inverted(self) -> "GridRange":
         if self.high < self.low:
             raise ValueError(f"empty grid: high {self.high} < low {self.low}")
+        n = (self.high - self.low) / self.step + 1
+        if n > MAX_GRID_POINTS:
+            raise ValueError(f"{n:.3g} grid points exceed the limit of {MAX_GRID_POINTS}")
         return self
 
     def values(self) -> list[float]:
@@ -77,20 +82,55 @@ class StudyBase(Strict):
     description: str = ""
     estimator: dict[str, Any] = Field(default_factory=dict)
     dataset: str | None = None
+    modes: list[Literal["reference", "corrected"]] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _modes(self):
+        if self.modes is not None:
+            if len(set(self.modes)) != len(self.modes):
+                raise ValueError(f"modes repeat: {self.modes}")
+            if "mode" in self.estimator:
+                raise ValueError("give either estimator.mode or modes, not both")
+        return self
+
+    def for_mode(self, mode: str | None):
+        """This study in one mode (``estimator.mode`` set, ``modes`` cleared); ``None``: as written."""
+        if mode is None:
+            if self.modes and len(self.modes) > 1:
+                raise StudyError(f"study {self.name!r} runs in modes {', '.join(self.modes)}: choose one",
+                                 field="--mode")
+            mode = self.modes[0] if self.modes else None
+            if mode is None:
+                return self
+        if self.modes is not None and mode not in self.modes:
+            raise StudyError(f"study {self.name!r} has no mode {mode!r}; its modes: {', '.join(self.modes)}",
+                             field="--mode")
+        if self.modes is None and self.estimator.get("mode", "reference") != mode:
+            raise StudyError(f"study {self.name!r} runs in mode {self.estimator.get('mode', 'reference')!r} only",
+                             field="--mode")
+        return self.model_copy(update={"estimator": {**self.estimator, "mode": mode}, "modes": None})
+
+    def mode_list(self) -> list[str | None]:
+        """The modes a full run of this study covers (``[None]``: the one the estimator block sets)."""
+        return list(self.modes) if self.modes else [None]
 
     @field_validator("estimator")
     @classmethod
     def _known_params(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from calib.estimator import RooflineRegressor
+        from calib.errors import CalibError
+        from calib.settings import Settings
 
-        known = set(RooflineRegressor().get_params())
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"unknown estimator parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        target = v.get("target", "tpot")
+        if target not in ("tpot", "ttft", "e2e"):
+            raise ValueError(f"target: unknown value {target!r}; choose one of tpot, ttft, e2e")
+        try:
+            Settings.from_params({k: x for k, x in v.items() if k != "target"})
+        except CalibError as exc:
+            raise ValueError(f"{exc.field}: {exc.message}" if exc.field else exc.message) from None
         return v
 
 
-def _kinds() -> dict[str, type[StudyBase]]:
+def _kinds():
     from calib.studies.kinds import KINDS
 
     return KINDS

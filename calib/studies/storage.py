@@ -13,7 +13,7 @@ Every storage opened here has a heartbeat: a worker records one every
 ``heartbeat_interval`` seconds while it evaluates a trial, and a ``RUNNING``
 trial whose last heartbeat is older than ``grace_period`` seconds belongs to a
 dead worker.  :func:`optuna.storages.fail_stale_trials` (called by the search
-loops of :mod:`calib.studies.search`) marks such a trial ``FAIL`` and Optuna's
+loops of :mod:`calib.calibrate.trials`) marks such a trial ``FAIL`` and Optuna's
 :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` queues a copy of it,
 so the trial is re-run by a live worker.  ``RDBStorage`` implements the
 heartbeat itself; for the journal file, :class:`HeartbeatJournalStorage` adds

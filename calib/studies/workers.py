@@ -3,7 +3,7 @@
 ``calib study run STUDY --workers N`` starts ``N - 1`` worker processes on the
 lead's storage (by default the journal file ``optuna.journal`` in the output
 folder) and works as the N-th itself.  Every worker runs the study's code;
-the searches of :mod:`calib.studies.search` hand each trial to one worker, and
+the searches of :mod:`calib.calibrate.trials` hand each trial to one worker, and
 a worker's search returns when the whole search is complete, so all workers
 move through the phases of a study together.
 
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["STORAGE_ENV", "WorkerStopped", "WorkerPool", "worker_command", "stop_on_sigterm"]
+__all__ = ["STORAGE_ENV", "WorkerStopped", "WorkerPool", "run_worker", "worker_command", "stop_on_sigterm"]
 
 #: Environment variable holding the storage URL of ``calib study worker`` (when ``--storage`` is not given).
 STORAGE_ENV = "CALIB_STORAGE"
@@ -54,7 +54,7 @@ def stop_on_sigterm(exc: type[BaseException] = WorkerStopped) -> None:
 
 
 def worker_command(study_file: str | Path, *, heartbeat_interval: int | None = None,
-                   grace_period: int | None = None, python: str | None = None) -> list[str]:
+                   grace_period: int | None = None, python: str | None = None, mode: str | None = None) -> list[str]:
     """The command line of one worker process (the storage URL goes in ``CALIB_STORAGE``).
 
     Examples
@@ -68,14 +68,44 @@ def worker_command(study_file: str | Path, *, heartbeat_interval: int | None = N
         argv += ["--heartbeat-interval", str(heartbeat_interval)]
     if grace_period is not None:
         argv += ["--grace-period", str(grace_period)]
+    if mode is not None:
+        argv += ["--mode", mode]
     return argv
 
 
+def run_worker(study_file: str | Path, storage: str, *, progress: bool = False, heartbeat_interval: int | None = None,
+               grace_period: int | None = None, mode: str | None = None) -> dict:
+    """Join the study of ``study_file`` in ``storage`` as a worker: evaluate trials until the study is done.
+
+    Nothing is written besides the trials in the storage.  Returns a summary
+    ``{"study", "worker", "searches": [...], "evaluated": n}``.
+    """
+    import tempfile
+
+    from calib.calibrate.trials import recording, worker_id
+    from calib.errors import StudyError
+    from calib.studies.context import RunContext
+    from calib.studies.kinds import KINDS
+    from calib.studies.spec import load_study_file
+    from calib.studies.storage import check_shareable
+
+    if not storage:
+        raise StudyError("a worker needs the storage URL of the study", field="--storage")
+    check_shareable(storage)
+    spec = load_study_file(study_file).for_mode(mode)
+    with tempfile.TemporaryDirectory(prefix="calib-worker-") as tmp:
+        ctx = RunContext(Path(tmp), storage_url=storage, progress=progress, study_file=Path(study_file).name,
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, role="worker")
+        with recording() as log:
+            KINDS[spec.kind].run(spec, ctx)
+    return {"study": spec.name, "worker": worker_id(), "searches": log,
+            "evaluated": sum(e.get("evaluated", 0) for e in log)}
+
+
 def _forked_worker(study_file: str, storage_url: str, heartbeat_interval: int | None, grace_period: int | None,
-                   quiet: bool) -> None:
+                   quiet: bool, mode: str | None = None) -> None:
     """Body of a forked worker: join the study; exit 0 when done or stopped, 130 on SIGINT, 2 on a CalibError."""
     from calib.errors import CalibError
-    from calib.studies.runner import run_worker
 
     stop_on_sigterm(WorkerStopped)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -83,7 +113,7 @@ def _forked_worker(study_file: str, storage_url: str, heartbeat_interval: int | 
         sys.stdout = open(os.devnull, "w")
     try:
         done = run_worker(study_file, storage_url, progress=False, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace_period)
+                          grace_period=grace_period, mode=mode)
         print(f"worker {done['worker']}: {done['evaluated']} trial(s) evaluated", flush=True)
     except WorkerStopped:
         sys.exit(0)
@@ -92,6 +122,13 @@ def _forked_worker(study_file: str, storage_url: str, heartbeat_interval: int | 
     except CalibError as exc:
         print(f"calib worker {os.getpid()}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _import_root() -> str:
+    """The folder this process imports ``calib`` from, so a spawned worker imports the same calib."""
+    import calib
+
+    return str(Path(next(iter(calib.__path__))).resolve().parent)
 
 
 class _Forked:
@@ -145,7 +182,8 @@ class WorkerPool:
     """
 
     def __init__(self, study_file: str | Path, storage_url: str, n: int, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, quiet: bool = True, start_method: str = "auto") -> None:
+                 grace_period: int | None = None, quiet: bool = True, start_method: str = "auto",
+                 mode: str | None = None) -> None:
         if start_method not in ("auto", "fork", "spawn"):
             raise ValueError(f"start_method must be auto, fork or spawn, got {start_method!r}")
         if start_method == "auto":
@@ -155,6 +193,7 @@ class WorkerPool:
         self.n = int(n)
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.quiet = quiet
+        self.mode = mode
         self.start_method = start_method
         self.procs: list = []
 
@@ -164,24 +203,19 @@ class WorkerPool:
             for _ in range(self.n):
                 p = ctx.Process(target=_forked_worker, name="calib-worker",
                                 args=(self.study_file, self.storage_url, self.heartbeat_interval,
-                                      self.grace_period, self.quiet))
+                                      self.grace_period, self.quiet, self.mode))
                 p.start()
                 self.procs.append(_Forked(p))
             return self
         env = dict(os.environ)
         env[STORAGE_ENV] = self.storage_url
-        src = str(Path(__file__).resolve().parents[2])  # calib importable even when not installed
-        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join([_import_root(), *filter(None, [env.get("PYTHONPATH")])])
         out = subprocess.DEVNULL if self.quiet else None
         argv = worker_command(self.study_file, heartbeat_interval=self.heartbeat_interval,
-                              grace_period=self.grace_period)
+                              grace_period=self.grace_period, mode=self.mode)
         for _ in range(self.n):
             self.procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out))
         return self
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def alive(self) -> list:
         return [p for p in self.procs if p.poll() is None]

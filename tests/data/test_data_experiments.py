@@ -76,7 +76,7 @@ def test_import_command_registers(tmp_path, shared):
     assert args.func(args) == 0
     assert len(load_experiments(tmp_path / "out")) == 13
     default = parser.parse_args(["import-hg1", "x"])
-    assert default.out == EMBEDDED_HG1
+    assert default.out == Path("configs/datasets/hg1") and not default.out.is_absolute()
 
 
 # --------------------------------------------------------------------------- bad inputs

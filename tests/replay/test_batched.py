@@ -1,4 +1,5 @@
-"""Loaded-server replay (calib.replay.batched): hand-checkable tiny traces, bad inputs, saturation, one real run."""
+"""Loaded-server replay, engine side (calib.replay.batched): hand-checkable tiny traces, bad inputs, saturation,
+one real run; the statistics of a replay come from calib.replay.loaded."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from calib.errors import ConfigError, DataError
 from calib.physics.batch import StepBatch
 from calib.physics.overhead import PerLayer
 from calib.physics.step_model import StepModel
-from calib.replay.batched import (BatchedRun, check_requests, default_step_cap, mean_inflight, replay_inputs, stats,
+from calib.metrics import stats
+from calib.replay.batched import (BatchedRun, check_requests, default_step_cap, mean_inflight, replay_inputs,
                                   window_trace)
+from calib.replay.loaded import run_report
 
 
 def make_trace(arrival_us, inp, out, *, ttft=20.0, tpot=5.0, stages=None, max_num_seqs=8, budget=2048,
@@ -102,7 +105,7 @@ def test_summary_uses_the_same_requests_on_both_sides(sm):
     s = rep.summary()
     assert s["n"] == s["n_compared"] == s["n_tpot"] == 3
     assert s["measured"]["ttft"]["mean"] == 10.0 and s["measured"]["tpot"]["mean"] == 2.0
-    r = rep.report()
+    r = run_report(rep)
     assert set(r["headline"]["ape"]) == {"ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms"}
     ape = r["headline"]["ape"]["ttft_mean_ms"]
     assert ape == pytest.approx(abs(np.mean(rep.ttft_ms) - 10.0) / 10.0)
@@ -151,7 +154,7 @@ def test_too_long_for_the_context_is_a_counted_rejection(sm):
     rep = BatchedRun(trace, prefix="none", max_model_len=4096).run(sm, OVH)
     assert rep.rejected.tolist() == [False, True, False]
     assert np.isnan(rep.e2e_ms[1]) and np.isfinite(rep.e2e_ms[[0, 2]]).all()
-    r = rep.report()
+    r = run_report(rep)
     assert r["replay"]["rejected_context"] == 1 and r["stats"]["n_compared"] == 2
 
 
@@ -159,7 +162,7 @@ def test_never_fits_in_the_kv_cache_is_a_counted_rejection(sm):
     trace = make_trace([0, 100], [100, 1000], [4, 4], kv_blocks=20)  # 20 blocks = 320 tokens
     rep = BatchedRun(trace, prefix="none").run(sm, OVH)
     assert rep.rejected.tolist() == [False, True]
-    assert rep.report()["replay"]["rejected_kv"] == 1
+    assert run_report(rep)["replay"]["rejected_kv"] == 1
 
 
 def test_kv_pressure_preempts_and_still_finishes(sm):
@@ -172,7 +175,7 @@ def test_step_cap_stops_and_says_so(sm):
     trace = make_trace([0, 0], [100, 100], [50, 50])
     rep = BatchedRun(trace, prefix="none", max_steps=10).run(sm, OVH)
     assert rep.hit_step_cap and rep.n_steps <= 10 and rep.n_unfinished == 2
-    r = rep.report()
+    r = run_report(rep)
     assert r["replay"]["hit_step_cap"] and r["replay"]["unfinished"] == 2 and r["stats"]["n_compared"] == 0
 
 
@@ -191,14 +194,14 @@ def _burst(rate: float, n: int, out: int, **kw):
 def test_saturation_flags_a_runaway_queue(sm):
     """Far more load than 2 running slots can serve: the simulated wait grows while the measured TTFT is flat."""
     rep = BatchedRun(_burst(50.0, 300, 100, max_num_seqs=2), prefix="none").run(sm, OVH)
-    sat = rep.report()["stages"][0]["saturation"]
+    sat = run_report(rep)["stages"][0]["saturation"]
     assert sat["saturated"] and sat["measured_stable"] and sat["runaway"]
-    assert rep.report()["runaway_stages"] == [0]
+    assert run_report(rep)["runaway_stages"] == [0]
 
 
 def test_light_load_does_not_saturate(sm):
     rep = BatchedRun(_burst(2.0, 60, 20), prefix="none").run(sm, OVH)
-    sat = rep.report()["stages"][0]["saturation"]
+    sat = run_report(rep)["stages"][0]["saturation"]
     assert not sat["saturated"] and not sat["runaway"]
 
 
@@ -242,7 +245,7 @@ def test_real_run_window(shared_data):
     trace = window_trace(load_trace(run), 30.0)
     sm = StepModel.build(trace.model, trace.tp)
     rep = BatchedRun(trace).run(sm, PerLayer(80.0))
-    r = rep.report()
+    r = run_report(rep)
     assert r["stats"]["n_compared"] == len(trace.requests) and not r["replay"]["hit_step_cap"]
     assert "system prompts" in r["replay"]["prefix"]
     assert all(np.isfinite(v) for v in r["headline"]["ape"].values())

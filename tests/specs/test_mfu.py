@@ -306,12 +306,12 @@ def test_cli_import_mfu(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser()
     cmd.register(parser.add_subparsers(dest="command"))
     bench = write_bench(tmp_path / "bench_data")
-    monkeypatch.setattr(cmd, "MFU_CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)  # the default output is relative to the current folder, never the package
     args = parser.parse_args(["import-mfu", str(bench), "--gpu", "Toy"])
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "gemm 11" in line and "8-8-64-tp1:8" in line
-    assert load_mfu(tmp_path / "configs" / "toy.json").gpu == "toy"
+    assert load_mfu(tmp_path / "configs" / "mfu" / "toy.json").gpu == "toy"
     args = parser.parse_args(["import-mfu", str(bench), "--gpu", "toy", "--out", str(tmp_path / "x.json")])
     args.func(args)
     assert (tmp_path / "x.json").is_file()

@@ -98,7 +98,7 @@ def validation(data_dir: Path, tmp_path: Path, **changes) -> dict:
             "calibrations": [
                 {"label": "hg1-optimum", "source": "hg1", "results": str(fake_hg1(tmp_path))},
                 {"label": "v3-fixed", "physics": {"variant": "v3"}, "overhead_model": "per_layer",
-                 "overhead_params": {"per_layer_us": 100}},
+                 "per_layer_us": 100},
                 {"label": "best-overhead-model", "source": "overhead_models",
                  "results": str(tmp_path / "missing.json")}]}
     base.update(changes)

@@ -69,6 +69,14 @@ def test_tiny_study_end_to_end(tmp_path, dataset):
     assert "Mode **reference**" in report and "itl" in report
 
 
+def phase_study(out, phase: str) -> str:
+    """The Optuna study of one phase: ``<name>-<fingerprint>-<phase>`` (the only such study in the storage)."""
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.endswith(f"-{phase}")]
+    assert len(names) == 1, names
+    return names[0]
+
+
 def test_rerun_is_byte_identical_and_resumes(tmp_path, dataset):
     study = write(tmp_path, study_dict(dataset))
     run_study(study, tmp_path / "a", progress=False)
@@ -78,33 +86,34 @@ def test_rerun_is_byte_identical_and_resumes(tmp_path, dataset):
     run_study(study, tmp_path / "b", progress=False)  # a fresh storage gives the same bytes
     assert (tmp_path / "b" / "results.json").read_bytes() == first
     storage = f"sqlite:///{tmp_path / 'a' / 'optuna.db'}"
-    trials = optuna.load_study(study_name="tiny-coarse", storage=storage).get_trials()
-    assert sorted(t.params["per_layer_overhead_us"] for t in trials) == [0, 50, 100]
+    trials = optuna.load_study(study_name=phase_study(tmp_path / "a", "coarse"), storage=storage).get_trials()
+    assert sorted(t.params["overhead.per_layer_us"] for t in trials) == [0, 50, 100]
 
 
 def test_interrupted_study_resumes_without_repeating(tmp_path, dataset, monkeypatch):
-    from calib.studies.kinds import hg1 as kind
+    from calib.estimators.roofline import RooflineRegressor
 
     study = write(tmp_path, study_dict(dataset))
-    real = kind.evaluate
+    real = RooflineRegressor.predict_all
     calls = {"n": 0}
 
-    def flaky(X, params):
+    def flaky(self, X):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(X, params)
+        return real(self, X)
 
-    monkeypatch.setattr(kind, "evaluate", flaky)
+    monkeypatch.setattr(RooflineRegressor, "predict_all", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_study(study, tmp_path / "out", progress=False)
-    monkeypatch.setattr(kind, "evaluate", real)
+    monkeypatch.setattr(RooflineRegressor, "predict_all", real)
     storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
-    before = optuna.load_study(study_name="tiny-coarse", storage=storage).get_trials()
+    name = phase_study(tmp_path / "out", "coarse")
+    before = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert [t.state.name for t in before] == ["COMPLETE", "FAIL"]
     run_study(study, tmp_path / "out", progress=False)
-    after = optuna.load_study(study_name="tiny-coarse", storage=storage).get_trials()
-    complete = [t.params["per_layer_overhead_us"] for t in after if t.state.name == "COMPLETE"]
+    after = optuna.load_study(study_name=name, storage=storage).get_trials()
+    complete = [t.params["overhead.per_layer_us"] for t in after if t.state.name == "COMPLETE"]
     assert sorted(complete) == [0, 50, 100]  # each grid value completed exactly once
     assert before[0].number in [t.number for t in after if t.state.name == "COMPLETE"]  # kept, not redone
     clean = tmp_path / "clean"

@@ -1,4 +1,5 @@
-"""Per-family calibration: group optima equal direct replays, bootstrap intervals and the verdict logic, bad input."""
+"""Per-family calibration: group and per-experiment optima equal direct replays, the rank test, confounding,
+intervals only for large groups, bad input."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def dataset(tmp_path_factory, cut_dataset) -> Path:
 
 def study_dict(dataset: Path, **changes) -> dict:
     base = {"name": "tiny-pf", "kind": "per_family", "dataset": str(dataset), "estimator": {"mode": "reference"},
-            "phases": PHASES, "groups": ["family", "tp"], "bootstrap": {"n": 200, "seed": 3, "level": 0.9}}
+            "phases": PHASES, "groups": ["family", "tp"],
+            "bootstrap": {"n": 200, "seed": 3, "level": 0.9, "min_interval_members": 3},
+            "test": {"n_permutations": 2000, "seed": 1}}
     base.update(changes)
     return base
 
@@ -55,7 +58,7 @@ def test_group_optima_equal_direct_replays(result, dataset):
 
     def ev(v):
         if v not in cache:
-            cache[v] = evaluate(X, {"mode": "reference", "per_layer_overhead_us": v})
+            cache[v] = evaluate(X, {"mode": "reference", "per_layer_us": v})
         return cache[v]
 
     def search(names):
@@ -72,40 +75,42 @@ def test_group_optima_equal_direct_replays(result, dataset):
         assert e["experiments"] == members
         assert e["optimum_us"] == search(members)
         assert e["tpot_mape_at_own_optimum"] == pytest.approx(ev(e["optimum_us"]).loc[members, "tpot_ape"].mean())
-        assert e["has_interval"] == (len(members) > 1)
-        assert e["ci_low_us"] <= e["bootstrap_mean_us"] <= e["ci_high_us"]
-        if not e["has_interval"]:  # one experiment: every resample is that experiment
-            assert e["ci_low_us"] == e["ci_high_us"] == e["optimum_us"] and e["bootstrap_std_us"] == 0
+        assert e["experiment_optima_us"] == [search([m]) for m in members]
+        assert (e["interval_us"] is None) == (len(members) < 3)  # no interval for a group of 1-2 experiments
     tp = r["groupings"][1]
     assert [e["group"] for e in tp["groups"]] == ["2", "4"]
+    assert {x["experiment"]: x["optimum_us"] for x in r["experiments"]} == {n: search([n]) for n in X.index}
     for f in ("results.json", "REPORT.md", "optima.png"):
         assert (out / f).stat().st_size > 0
 
 
-def test_verdict_logic(result):
+def test_rank_test_and_confounding(result):
+    from calib.stats import rank_test
+
     r, _ = result
+    per_exp = {x["experiment"]: x["optimum_us"] for x in r["experiments"]}
     for g in r["groupings"]:
-        n = len(g["groups"])
-        assert len(g["pairs"]) == n * (n - 1) // 2
-        for p in g["pairs"]:
-            excl = p["diff_ci_low_us"] > 0 or p["diff_ci_high_us"] < 0
-            assert p["differ"] == (p["eligible"] and excl)
-        assert g["optima_differ"] == any(p["differ"] for p in g["pairs"])
-        assert g["n_differing_pairs"] == sum(p["differ"] for p in g["pairs"])
-        for e in g["groups"]:
-            assert e["global_optimum_in_ci"] == (e["ci_low_us"] <= r["global"]["optimum_us"] <= e["ci_high_us"])
+        names = [n for e in g["groups"] for n in e["experiments"]]
+        labels = [e["group"] for e in g["groups"] for _ in e["experiments"]]
+        order = [x["experiment"] for x in r["experiments"]]
+        lab = dict(zip(names, labels))
+        again = rank_test([per_exp[n] for n in order], [lab[n] for n in order], n_permutations=2000, seed=1)
+        assert again == g["test"]
+        assert g["differ"] == (g["test"]["p_value"] is not None and g["test"]["p_value"] < 0.05)
+    fam = r["groupings"][0]
+    # the cut dataset holds Llama-2-70B at TP 4 only, Qwen3-14B and CodeLlama-34B at TP 2 only
+    assert any("llama2-70b" in c and "tp=4" in c for c in fam["confounding"])
 
 
-def test_bootstrap_is_seeded(result, dataset, tmp_path):
+def test_seeds_change_only_the_randomised_parts(result, dataset, tmp_path):
     r, _ = result
     again = run_study(write(tmp_path, study_dict(dataset)), tmp_path / "again", progress=False, report=False)
     assert again["groupings"] == r["groupings"]
-    other = run_study(write(tmp_path, study_dict(dataset, bootstrap={"n": 200, "seed": 4, "level": 0.9})),
+    other = run_study(write(tmp_path, study_dict(dataset, test={"n_permutations": 2000, "seed": 9})),
                       tmp_path / "other", progress=False, report=False)
-    assert [e["optimum_us"] for e in other["groupings"][0]["groups"]] == \
-        [e["optimum_us"] for e in r["groupings"][0]["groups"]]  # the point estimates do not depend on the seed
-    assert [e["bootstrap_mean_us"] for g in other["groupings"] for e in g["groups"]] != \
-        [e["bootstrap_mean_us"] for g in r["groupings"] for e in g["groups"]]
+    assert [e["optimum_us"] for g in other["groupings"] for e in g["groups"]] == \
+        [e["optimum_us"] for g in r["groupings"] for e in g["groups"]]
+    assert other["groupings"][1]["test"]["statistic"] == r["groupings"][1]["test"]["statistic"]
 
 
 def test_percentile_interval():
@@ -117,6 +122,8 @@ def test_percentile_interval():
 @pytest.mark.parametrize("changes, field, message", [
     ({"groups": ["vendor"]}, "groups[0]", "no column 'vendor'"),
     ({"bootstrap": {"n": 5}}, "bootstrap.n", "greater than or equal to 10"),
+    ({"bootstrap": {"n": 10**9}}, "bootstrap.n", "less than or equal to"),
+    ({"test": {"n_permutations": 10**12}}, "test.n_permutations", "less than or equal to"),
     ({"bootstrap": {"level": 1.0}}, "bootstrap.level", "less than 1"),
     ({"phases": [{"name": "c", "grid": {"low": 10, "high": 0, "step": 5}}]}, "phases.0.grid", "empty grid"),
 ])

@@ -112,15 +112,17 @@ def test_three_workers_on_postgresql(pg_url, tmp_path):
 
     st = open_storage(pg_url)
     states, workers = Counter(), Counter()
+    studies = {s.study_name.rsplit("-", 1)[1]: s.study_name for s in st.get_all_studies()
+               if s.study_name.startswith(f"{name}-")}
     for phase, size in PHASES.items():
-        trials = optuna.load_study(study_name=f"{name}-{phase}", storage=st).get_trials(deepcopy=False)
-        done = [t.params["per_layer_overhead_us"] for t in trials if t.state == TrialState.COMPLETE]
+        trials = optuna.load_study(study_name=studies[phase], storage=st).get_trials(deepcopy=False)
+        done = [t.params["overhead.per_layer_us"] for t in trials if t.state == TrialState.COMPLETE]
         table = [(t.number, t.state.name, t.params, t.system_attrs) for t in trials]
         assert len(done) == len(set(done)) == size, table  # every grid value, exactly once
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], table
         states.update(t.state.name for t in trials)
-        workers.update(t.system_attrs["calib:worker"] for t in trials if t.state == TrialState.COMPLETE)
+        workers.update(t.user_attrs["calib:worker"] for t in trials if t.state == TrialState.COMPLETE)
     print(f"\nreliability: PostgreSQL, 3 worker processes, trial states {dict(states)}, "
           f"completed per worker {sorted(workers.values(), reverse=True)}")
     for phase in PHASES:
-        optuna.delete_study(study_name=f"{name}-{phase}", storage=st)
+        optuna.delete_study(study_name=studies[phase], storage=st)

@@ -82,7 +82,7 @@ def test_other_seeds_and_definitions_equal_direct_replays(result, dataset):
 
         def ev(v):
             if v not in cache:
-                cache[v] = evaluate(X, {**params, "per_layer_overhead_us": v})
+                cache[v] = evaluate(X, {**params, "per_layer_us": v})
             return cache[v]
 
         loss = lambda v: float(ev(v).loc[train, "tpot_ape"].mean())  # noqa: E731

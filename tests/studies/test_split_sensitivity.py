@@ -66,7 +66,7 @@ def brute_force(X, train: list[str], test: list[str]) -> dict:
 
     def ev(v):
         if v not in cache:
-            cache[v] = evaluate(X, {"mode": "reference", "per_layer_overhead_us": v})
+            cache[v] = evaluate(X, {"mode": "reference", "per_layer_us": v})
         return cache[v]
 
     def train_loss(v):
@@ -142,17 +142,11 @@ def test_phased_optima_ties_go_to_the_smaller_value():
                     return np.ones((len(values), 3))
             return P()
 
-    class Ph:
-        def __init__(self, name, grid=None, around=None, radius=None, step=None):
-            self.name, self.grid, self.around, self.radius, self.step = name, grid, around, radius, step
+    from calib.studies.common import Phase
 
-    class G:
-        low = 0.0
-
-        def values(self):
-            return [0.0, 25.0, 50.0]
-
-    out = apematrix.phased_optima(FakeGrid(), [Ph("c", grid=G()), Ph("f", around="c", radius=10, step=5)],
+    phases = [Phase(name="c", grid={"low": 0, "high": 50, "step": 25}),
+              Phase(name="f", around="c", radius=10, step=5)]
+    out = apematrix.phased_optima(FakeGrid(), phases,
                                   [np.array([0, 1]), np.array([2])])
     assert out == [{"c": 0.0, "f": 0.0}, {"c": 0.0, "f": 0.0}]
 
@@ -207,10 +201,11 @@ def test_bad_input_is_caught_before_any_replay(tmp_path, dataset, monkeypatch, c
 def test_results_keys_of_the_shipped_study_file():
     spec = load_study_file(Path(__file__).resolve().parents[2] / "studies" / "split-sensitivity.yaml")
     assert spec.splitter.type == "all_k_of_n" and spec.splitter.n_test == 4
-    twin = load_study_file(Path(__file__).resolve().parents[2] / "studies" / "split-sensitivity-corrected.yaml")
-    assert twin.estimator["mode"] == "corrected" and spec.estimator["mode"] == "reference"
-    assert json.dumps(spec.model_dump(exclude={"name", "estimator"}), sort_keys=True) == json.dumps(
-        twin.model_dump(exclude={"name", "estimator"}), sort_keys=True)
+    assert spec.modes == ["reference", "corrected"]
+    ref, cor = spec.for_mode("reference"), spec.for_mode("corrected")
+    assert (ref.estimator["mode"], cor.estimator["mode"]) == ("reference", "corrected")
+    assert json.dumps(ref.model_dump(exclude={"estimator"}), sort_keys=True) == json.dumps(
+        cor.model_dump(exclude={"estimator"}), sort_keys=True)
 
 
 def test_a_worker_process_leaves_the_work_to_the_lead(tmp_path, dataset, monkeypatch):
@@ -223,7 +218,7 @@ def test_a_worker_process_leaves_the_work_to_the_lead(tmp_path, dataset, monkeyp
     monkeypatch.setattr(apematrix, "predict_experiments", no_replay)
     spec = load_study_file(write(tmp_path, study_dict(dataset)))
     ctx = RunContext(tmp_path / "w", role="worker")
-    for kind in ("split_sensitivity", "per_group", "per_family", "seeds", "overhead_models"):
+    for kind in ("split_sensitivity", "per_group", "per_family", "seeds"):
         assert "worker" in KINDS[kind].run(spec, ctx)
 
 

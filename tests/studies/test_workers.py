@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from calib.data.workloads import EMBEDDED_HG1
 from calib.studies.runner import run_study
-from calib.studies.search import tpe_search
+from calib.calibrate.trials import tpe_search
 from calib.studies.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,9 +71,9 @@ def without_storage(results: dict) -> dict:
 
 
 def grid_trials(url: str, prefix: str) -> dict[str, list]:
-    """The trials of each phase study (``<prefix>-<phase>``) in a storage."""
+    """The trials of each phase study (``<prefix>-<fingerprint>-<phase>``) in a storage, by phase."""
     st = open_storage(url)
-    return {s.study_name.removeprefix(prefix + "-"): st.get_all_trials(s._study_id, deepcopy=False)
+    return {s.study_name.rsplit("-", 1)[1]: st.get_all_trials(st.get_study_id_from_name(s.study_name), deepcopy=False)
             for s in st.get_all_studies() if s.study_name.startswith(prefix + "-")}
 
 
@@ -82,7 +82,7 @@ def assert_each_value_completed_once(url: str, prefix: str) -> Counter:
     assert set(trials) == set(PHASES)
     total = Counter()
     for phase, ts in trials.items():
-        done = [t.params["per_layer_overhead_us"] for t in ts if t.state == TrialState.COMPLETE]
+        done = [t.params["overhead.per_layer_us"] for t in ts if t.state == TrialState.COMPLETE]
         table = [(t.number, t.state.name, t.params, t.system_attrs) for t in ts]
         assert len(done) == len(set(done)) == PHASES[phase], (phase, table)  # every value, once
         assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)], (phase, table)
@@ -100,7 +100,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.005):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-def held_value(t, param: str = "per_layer_overhead_us"):
+def held_value(t, param: str = "overhead.per_layer_us"):
     """The grid value a trial holds: queued (``fixed_params``) or taken (``params``)."""
     return (t.system_attrs.get("fixed_params") or {}).get(param, t.params.get(param))
 
@@ -111,7 +111,7 @@ def running_trial_of(url: str, pid: int, with_params: bool = False):
     for s in st.get_all_studies():
         for t in st.get_all_trials(s._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             holds = t.params if with_params else (t.params or t.system_attrs.get("fixed_params"))
-            if str(t.system_attrs.get("calib:worker", "")).endswith(f":{pid}") and holds:
+            if str(t.user_attrs.get("calib:worker", "")).endswith(f":{pid}") and holds:
                 return s, t
     return None
 
@@ -149,8 +149,10 @@ def reference(tmp_path_factory):
 def test_serial_results_record_every_seed(reference):
     s = reference["results"]["settings"]
     assert s["request_seed"] == 42  # the replay's request sampling
+    prefix = s["optuna_study_prefix"]  # the study name + a fingerprint of everything that determines the trials
+    assert prefix.startswith("tinyw-") and len(prefix) == len("tinyw-") + 12
     assert [(e["study"], e["sampler"], e["seed"], e["trials"]) for e in s["samplers"]] == [
-        ("tinyw-coarse", "grid", None, 21), ("tinyw-fine", "grid", None, 7)]
+        (f"{prefix}-coarse", "grid", None, 21), (f"{prefix}-fine", "grid", None, 7)]
 
 
 def test_three_workers_give_the_serial_results(reference, tmp_path):
@@ -165,7 +167,7 @@ def test_three_workers_give_the_serial_results(reference, tmp_path):
     assert (out / "REPORT.md").is_file()
     url = f"journal:{out / 'optuna.journal'}"
     states = assert_each_value_completed_once(url, "tinyw")
-    workers = Counter(t.system_attrs["calib:worker"] for ts in grid_trials(url, "tinyw").values() for t in ts
+    workers = Counter(t.user_attrs["calib:worker"] for ts in grid_trials(url, "tinyw").values() for t in ts
                       if t.state == TrialState.COMPLETE)
     print(f"\nreliability: --workers 3 in {time.monotonic() - t0:.1f} s, trial states {dict(states)}, "
           f"completed per worker {sorted(workers.values(), reverse=True)}")
@@ -196,7 +198,7 @@ def test_worker_killed_mid_trial_is_detected_and_its_trial_rerun(reference, tmp_
     assert "trial(s) evaluated here" in other.stdout.read()
     assert without_storage(json.loads((out / "results.json").read_text())) == without_storage(reference["results"])
     states = assert_each_value_completed_once(url, "tinyw")
-    trials = grid_trials(url, "tinyw")[phase.removeprefix("tinyw-")]
+    trials = grid_trials(url, "tinyw")[phase.rsplit("-", 1)[1]]
     after = {t.number: t for t in trials}
     assert after[killed.number].state == TrialState.FAIL  # failed as stale by a live worker...
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]

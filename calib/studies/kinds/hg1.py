@@ -1,162 +1,175 @@
-"""The HG1 protocol: grid-search one overhead parameter on a fixed train split, validate on all.
+"""The HG1 protocol: grid-search one settings parameter on a fixed train split, validate on all.
 
-Phases run in order; a phase with ``around`` searches ``optimum ± radius`` of
-an earlier phase in steps of ``step`` (clipped at the first phase's low end).
-The optimum of a phase is its lowest train objective; ties go to the smaller
-parameter value, so the result never depends on trial order.
+A composition: the experiments, a :class:`~calib.calibrate.Calibrator` over
+:class:`~calib.RooflineRegressor` with the study's phased grid
+(:class:`~calib.calibrate.PhasedGrid`: a grid, then ``optimum ± radius`` of the
+phase before it, clipped to the first grid's range; the optimum of a phase is
+its lowest train objective, ties to the smaller value), fitted on the train
+rows only; then predictions of every experiment at the optimum and at fixed
+validation points, and the pre-registered criteria.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from calib.calibrate import Calibrator
 from calib.data import load_experiments
-from calib.errors import StudyError
-from calib.estimator import RooflineRegressor
+from calib.estimators.roofline import RooflineRegressor
+from calib.errors import CalibError
+from calib.settings import Settings, flat_name
 from calib.specs import load_model
+from calib.studies.common import GridStudyMixin, SplitSpec, resolve_split
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
+from calib.studies.results import Typed
+from calib.studies.spec import Strict
 from calib.studies.evaluate import evaluate
-from calib.studies.search import grid_search
-from calib.studies.spec import METRICS, Criterion, GridRange, StudyBase, Strict
 
 KIND = "hg1"
 
 
-class SplitSpec(Strict):
-    """Either a column of the experiments table holding ``train``/``test``, or explicit lists."""
+class Published(Strict):
+    """The published study's figures, to say whether calib reproduces them (separate from the criteria)."""
 
-    column: str | None = "hg1_split"
-    train: list[str] | None = None
-    test: list[str] | None = None
-
-
-class Phase(Strict):
-    name: str
-    grid: GridRange | None = None
-    around: str | None = None
-    radius: float | None = Field(default=None, gt=0)
-    step: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "Phase":
-        if (self.grid is None) == (self.around is None):
-            raise ValueError("a phase needs either 'grid' or 'around' (+ 'radius', 'step')")
-        if self.around is not None and (self.radius is None or self.step is None):
-            raise ValueError("a phase 'around' an optimum needs 'radius' and 'step'")
-        return self
-
-
-class GridStudyMixin(StudyBase):
-    """Fields shared by every grid-search study (the HG1 search settings)."""
-
-    parameter: str = "per_layer_overhead_us"
-    objective: str = "tpot_mape"
-    phases: list[Phase] = Field(min_length=1)
-    criteria: list[Criterion] = []
-
-    @model_validator(mode="after")
-    def _check_search(self):
-        if self.objective not in METRICS:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(METRICS)}")
-        if self.parameter not in RooflineRegressor().get_params():
-            raise ValueError(f"unknown estimator parameter {self.parameter!r}")
-        names = []
-        for ph in self.phases:
-            if ph.around is not None and ph.around not in names:
-                raise ValueError(f"phase {ph.name!r} searches around unknown earlier phase {ph.around!r}")
-            names.append(ph.name)
-        if self.phases[0].grid is None:
-            raise ValueError("the first phase needs a 'grid'")
-        return self
+    coarse_optimum_us: float
+    fine_optimum_us: float
+    train_tpot_mape: float = Field(ge=0)
+    test_tpot_mape: float = Field(ge=0)
+    train_tolerance: float = Field(default=0.005, ge=0, description="|reproduced - published| train MAPE allowed")
+    mode: Literal["reference", "corrected"] = Field(default="reference",
+                                                   description="the mode the published figures were made in")
+    source: str = ""
+    test_note: str = ""
 
 
 class HG1Schema(GridStudyMixin):
     kind: Literal["hg1"]
     split: SplitSpec = SplitSpec()
     validation: list[float | Literal["optimum"]] = ["optimum", 100.0, 0.0]
+    published: Published | None = None
 
     @model_validator(mode="after")
     def _check_validation(self) -> "HG1Schema":
         if "optimum" not in self.validation:
             raise ValueError("validation must include 'optimum' (the criteria and tables are read there)")
+        settings = Settings.from_params({k: v for k, v in self.estimator.items() if k != "target"})
+        for point in self.validation:
+            if point != "optimum":
+                try:
+                    settings.with_values({self.parameter: point})
+                except CalibError as exc:
+                    raise ValueError(f"validation point {point!r}: {exc.message}") from None
         return self
 
 
 schema = HG1Schema
 
+_Metrics = dict[str, dict[str, float]]  # metric_mape -> validation point -> value
 
-def resolve_split(spec: SplitSpec, X: pd.DataFrame, source: str) -> tuple[list[str], list[str]]:
-    """Train and test experiment names, in table order; errors name the study file and key."""
-    names = [str(i) for i in X.index]
-    if spec.train is not None or spec.test is not None:
-        train, test = list(spec.train or []), list(spec.test or [])
-        for key, lst in (("split.train", train), ("split.test", test)):
-            unknown = [e for e in lst if e not in names]
-            if unknown:
-                raise StudyError(f"unknown experiment {unknown[0]!r}", file=source, field=key)
-        if not test:
-            test = [e for e in names if e not in train]
-    else:
-        if spec.column not in X.columns:
-            raise StudyError(f"experiments table has no column {spec.column!r}", file=source, field="split.column")
-        labels = X[spec.column].astype(str)
-        train = [n for n, s in zip(names, labels) if s == "train"]
-        test = [n for n, s in zip(names, labels) if s == "test"]
-    if not train or not test:
-        raise StudyError("the split leaves an empty train or test set", file=source, field="split")
-    order = {n: i for i, n in enumerate(names)}
-    return sorted(train, key=order.get), sorted(test, key=order.get)
+
+class LandscapePoint(Typed):
+    phase: str
+    overhead_us: float
+    objective: float
+    train_tpot_mape: float
+    train_e2e_mape: float
+    train_ttft_mape: float
+    per_layer_us: float | None = None
+
+
+class ExperimentResult(Typed):
+    experiment: str
+    split: Literal["train", "test"]
+    family: str
+    tp: int
+    workload: str
+    model: str
+    measured: dict[str, float]
+    predicted: dict[str, dict[str, float]]
+    tpot_ape: dict[str, float]
+    e2e_ape: dict[str, float]
+    ttft_ape: dict[str, float]
+    overlapped_requests: dict[str, int]
+    effective_overhead_us_per_step: float | None
+
+
+class Results(Typed):
+    """The results of an HG1 study (``results.json``).  ``<phase>_optimum_us`` holds each phase's optimum
+    (``coarse_optimum_us``, ``fine_optimum_us`` for the shipped study)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    study: str
+    kind: Literal["hg1"]
+    optimum_us: float
+    mode: Literal["reference", "corrected"]
+    tpot_definition: Literal["itl", "guidellm"]
+    phantom_last_step: bool
+    landscape: list[LandscapePoint]
+    experiments: list[ExperimentResult]
+    splits: dict[Literal["train", "test", "all"], _Metrics]
+    families: dict[str, dict[str, Any]]
+    criteria: list[dict[str, Any]]
+    reproduction: dict[str, Any] | None
+    verdict: Literal["PASS", "FAIL"]
+    worst_experiment: dict[str, Any]
+    settings: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _only_phase_optima_extra(self) -> "Results":
+        extra = [k for k in (self.model_extra or {}) if not k.endswith("_optimum_us")]
+        if extra:
+            raise ValueError(f"unknown key {extra[0]!r}")
+        return self
 
 
 def _key(v: float) -> str:
     return f"{v:g}"
 
 
+def reproduction(pub: Published, optima: dict[str, float], splits: dict) -> dict:
+    """Published vs reproduced: the optima must match exactly and the train MAPE within the tolerance; the test
+    MAPE is shown beside them with the study file's note on why it may differ."""
+    got = {"coarse_optimum_us": optima.get("coarse"), "fine_optimum_us": optima.get("fine"),
+           "train_tpot_mape": splits["train"]["tpot_mape"]["optimum"],
+           "test_tpot_mape": splits["test"]["tpot_mape"]["optimum"]}
+    same_optima = got["coarse_optimum_us"] == pub.coarse_optimum_us and got["fine_optimum_us"] == pub.fine_optimum_us
+    train_ok = abs(got["train_tpot_mape"] - pub.train_tpot_mape) <= pub.train_tolerance
+    return {"published": pub.model_dump(exclude={"train_tolerance", "source", "test_note", "mode"}), "reproduced": got,
+            "optima_match": same_optima, "train_within_tolerance": train_ok, "train_tolerance": pub.train_tolerance,
+            "verdict": "yes" if same_optima and train_ok else "no", "source": pub.source,
+            "test_note": pub.test_note}
+
+
 def run(spec: HG1Schema, ctx: RunContext) -> dict:
     X = load_experiments(spec.dataset)
     train, test = resolve_split(spec.split, X, ctx.study_file)
-    base = RooflineRegressor(**spec.estimator).get_params()
-    metric = spec.objective.removesuffix("_mape")
-    Xtrain = X.loc[train]
-
-    def objective(value: float):
-        ev = evaluate(Xtrain, {**base, spec.parameter: value})
-        return float(ev[f"{metric}_ape"].mean()), {
-            "train_tpot_mape": float(ev["tpot_ape"].mean()),
-            "train_e2e_mape": float(ev["e2e_ape"].mean()),
-            "train_ttft_mape": float(ev["ttft_ape"].mean()),
-        }
-
+    estimator = RooflineRegressor(**spec.estimator)
+    param = flat_name(spec.parameter)
+    cal = Calibrator(estimator, space=spec.search_space(), objective=spec.objective, search=spec.phased_grid(),
+                     storage=ctx.url, study_name=spec.name, progress=ctx.progress)
+    cal.fit(X.loc[train])
+    phase_names = [ph.name for ph in spec.phases]
     landscape: list[dict] = []
     optima: dict[str, float] = {}
-    low_bound = spec.phases[0].grid.low
-    for ph in spec.phases:
-        if ph.grid is not None:
-            values = ph.grid.values()
-        else:
-            centre = optima[ph.around]
-            n = int(round(ph.radius / ph.step))
-            values = sorted({round(centre + i * ph.step, 9) for i in range(-n, n + 1)
-                             if centre + i * ph.step >= low_bound})
-        trials = grid_search(f"{spec.name}-{ph.name}", ctx.storage, spec.parameter, values, objective,
-                             progress=ctx.progress, desc=f"{spec.name} {ph.name}")
-        best = min(trials, key=lambda v: (trials[v].value, v))
-        optima[ph.name] = best
-        for v, t in trials.items():
-            landscape.append({"phase": ph.name, spec.parameter: v, "overhead_us": v,
-                              "objective": float(t.value), **{k: float(t.user_attrs[k]) for k in
-                                                              ("train_tpot_mape", "train_e2e_mape",
-                                                               "train_ttft_mape")}})
-    optimum = optima[spec.phases[-1].name]
+    for row in cal.search_result_.trials:
+        v = float(next(iter(row["params"].values())))
+        landscape.append({"phase": row["stage"], param: v, "overhead_us": v, "objective": row["loss"],
+                          **{k: float(row["attrs"][k]) for k in ("train_tpot_mape", "train_e2e_mape",
+                                                                  "train_ttft_mape")}})
+    for phase in phase_names:
+        rows = [r for r in landscape if r["phase"] == phase]
+        optima[phase] = min(rows, key=lambda r: (r["objective"], r[param]))[param]
+    optimum = float(next(iter(cal.best_params_.values())))
+    base = estimator.get_params()
 
     # validation on every experiment at the optimum and the fixed points
     points = {("optimum" if p == "optimum" else _key(float(p))): (optimum if p == "optimum" else float(p))
               for p in spec.validation}
-    evals = {k: evaluate(X, {**base, spec.parameter: v}) for k, v in points.items()}
+    evals = {k: evaluate(X, {**base, param: v}) for k, v in points.items()}
     split_of = {n: ("train" if n in train else "test") for n in X.index}
     experiments = []
     for name, row in X.iterrows():
@@ -171,8 +184,7 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
             **{f"{m}_ape": {k: float(ev.loc[name, f"{m}_ape"]) for k, ev in evals.items()}
                for m in ("tpot", "e2e", "ttft")},
             "overlapped_requests": {k: int(ev.loc[name, "overlapped"]) for k, ev in evals.items()},
-            "effective_overhead_us_per_step": optimum * L / int(row["tp"]) if spec.parameter ==
-            "per_layer_overhead_us" else None,
+            "effective_overhead_us_per_step": optimum * L / int(row["tp"]) if param == "per_layer_us" else None,
         })
     members = {"train": train, "test": test, "all": [str(i) for i in X.index]}
     splits = {s: {f"{m}_mape": {k: float(ev.loc[names, f"{m}_ape"].mean()) for k, ev in evals.items()}
@@ -187,34 +199,46 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
     criteria = evaluate_criteria(spec.criteria, at_opt) if "optimum" in points else []
     worst = max(experiments, key=lambda e: e["tpot_ape"].get("optimum", 0.0))
     phase_optima = {f"{ph}_optimum_us": v for ph, v in optima.items()}
-    est = RooflineRegressor(**base)
+    settings = estimator.settings()
+    if ctx.role == "lead":
+        cal.calibration_.model_copy(update={"heldout": {
+            "test_tpot_mape": splits["test"]["tpot_mape"]["optimum"],
+            "test_e2e_mape": splits["test"]["e2e_mape"]["optimum"],
+            "test_ttft_mape": splits["test"]["ttft_mape"]["optimum"],
+            "aggregation": "mean APE over the test experiments"},
+            "notes": f"study {spec.name}: the HG1 grid search on the {len(train)} train experiments"}).save(
+            ctx.out_dir / "calibration.yaml")
     return {
         "study": spec.name,
         "kind": KIND,
         **phase_optima,
         "optimum_us": optimum,
-        "mode": base["mode"],
-        "tpot_definition": est._tpot_def,
-        "phantom_last_step": est._phantom,
+        "mode": settings.replay.mode,
+        "tpot_definition": settings.replay.tpot,
+        "phantom_last_step": settings.replay.phantom,
         "landscape": landscape,
         "experiments": experiments,
         "splits": splits,
         "families": families,
         "criteria": criteria,
+        "reproduction": (reproduction(spec.published, optima, splits)
+                         if spec.published and spec.published.mode == settings.replay.mode else None),
         "verdict": "PASS" if criteria and all(c["passed"] for c in criteria) else "FAIL",
         "worst_experiment": {"experiment": worst["experiment"], "tpot_ape": worst["tpot_ape"].get("optimum")},
         "settings": {
             "study_file": ctx.study_file,
             "dataset": spec.dataset or "embedded hg1 (configs/datasets/hg1)",
-            "estimator": base,
-            "parameter": spec.parameter,
+            "estimator": spec.estimator,
+            "settings": settings.qualified(),
+            "parameter": param,
             "objective": f"train mean {spec.objective}",
             "phases": [ph.model_dump(exclude_none=True) for ph in spec.phases],
             "validation": list(points),
             "split": {"train": train, "test": test},
-            "sampler": "grid: every value enqueued once as an Optuna trial (calib.studies.search.grid_search)",
+            "sampler": "grid: every value enqueued once as an Optuna trial (calib.calibrate.PhasedGrid)",
+            "optuna_study_prefix": cal.study_name_,
             "storage": ctx.storage_label,
-            "request_seed": base["seed"],
-            "lengths": base["lengths"],
+            "request_seed": settings.replay.seed,
+            "lengths": settings.replay.lengths,
         },
     }

@@ -1,15 +1,17 @@
-"""Per-family calibration: a separate optimum per model family (and per TP, per workload), with uncertainty.
+"""Per-family calibration: an optimum per model family (and per TP, per workload), tested as the samples allow.
 
 For each group of a grouping column the HG1 search runs on that group's
-experiments alone.  Its uncertainty is a bootstrap over the group's
-experiments: resample them with replacement ``n`` times, rerun the search on
-each resample, and take the percentile interval of the resampled optima.  Two
-groups' optima *differ beyond their uncertainty* when the percentile interval
-of the bootstrap difference (independent resamples of the two groups) excludes
-zero; the report also lists plain interval overlap.  A group of one experiment
-has no bootstrap variation and takes no part in the verdict.
+experiments alone (the group's optimum).  Whether the optimum *depends on*
+the grouping is asked of the **per-experiment optima** (the HG1 search on one
+experiment at a time): a Kruskal–Wallis rank statistic whose p-value comes
+from permuting the group labels (:func:`calib.stats.rank_test`).  With one to
+four experiments per group, a bootstrap over a group's experiments would only
+return [min, max] of two or three optima, so an interval is given only for a
+group of at least ``min_interval_members`` experiments.  Groupings that the
+data cannot separate (a family seen at one TP only) are stated, from the table
+itself (:func:`calib.stats.confounding`).
 
-This is the control experiment the published study proposed: if per-family
+This is the control experiment the published study proposed: if per-group
 optima are indistinguishable, one global constant is as good as the data can
 tell; if they differ, the overhead depends on something a single constant
 does not capture.
@@ -17,30 +19,40 @@ does not capture.
 
 from __future__ import annotations
 
-from itertools import combinations
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from calib.data import load_experiments
-from calib.estimator import RooflineRegressor
-from calib.studies.apematrix import GridApe, phased_optima, require_columns, store_record, worker_result
+from calib.estimators.roofline import RooflineRegressor
+from calib.studies.apematrix import (GridApe, grid_store, phased_optima, require_columns, store_record,
+                                     worker_result)
 from calib.studies.context import RunContext
-from calib.studies.kinds.split_sensitivity import GridStudyMixin, grid_store
+from calib.studies.common import GridStudyMixin
+from calib.stats import confounding, rank_test
 from calib.studies.spec import Strict
 
 KIND = "per_family"
 
-__all__ = ["KIND", "schema", "run", "Bootstrap", "percentile_interval"]
+__all__ = ["KIND", "schema", "run", "Bootstrap", "RankTest", "percentile_interval"]
 
 
 class Bootstrap(Strict):
-    """Bootstrap over the experiments of a group."""
+    """Bootstrap over the experiments of a group (only for groups of ``min_interval_members`` or more)."""
 
-    n: int = Field(default=1000, ge=10)
-    seed: int = 0
+    n: int = Field(default=1000, ge=10, le=20_000)
+    seed: int = Field(default=0, ge=0)
     level: float = Field(default=0.95, gt=0, lt=1)
+    min_interval_members: int = Field(default=5, ge=3)
+
+
+class RankTest(Strict):
+    """The permutation rank test of the per-experiment optima."""
+
+    n_permutations: int = Field(default=20_000, ge=100, le=1_000_000)
+    seed: int = Field(default=0, ge=0)
+    alpha: float = Field(default=0.05, gt=0, lt=1)
 
 
 class PerFamilySchema(GridStudyMixin):
@@ -49,6 +61,7 @@ class PerFamilySchema(GridStudyMixin):
     kind: Literal["per_family"]
     groups: list[str] = Field(default=["family", "tp"], min_length=1)
     bootstrap: Bootstrap = Bootstrap()
+    test: RankTest = RankTest()
 
 
 schema = PerFamilySchema
@@ -67,19 +80,16 @@ def run(spec: PerFamilySchema, ctx: RunContext) -> dict:
         return early
     X = load_experiments(spec.dataset)
     require_columns(X, spec.groups, ctx.study_file, "groups")
-    base = RooflineRegressor(**spec.estimator).get_params()
-    est = RooflineRegressor(**base)
+    base = RooflineRegressor(**spec.estimator).resolved_params()
+    settings = RooflineRegressor(**base).settings()
     names = [str(i) for i in X.index]
     n_exp = len(names)
-    metric = spec.objective.removesuffix("_mape")
-    last = spec.phases[-1].name
-    B, level = spec.bootstrap.n, spec.bootstrap.level
+    B, level, min_n = spec.bootstrap.n, spec.bootstrap.level, spec.bootstrap.min_interval_members
 
-    # every search (group optima and all their bootstrap resamples) is listed first, then run in one pass
+    # every search is listed first (all experiments, each experiment alone, each group and the bootstrap
+    # resamples of the groups large enough for an interval), then run in one pass over one APE matrix
     rng = np.random.default_rng(spec.bootstrap.seed)
-    all_idx = np.arange(n_exp)
-    jobs: list[np.ndarray] = [all_idx]
-    jobs += [all_idx[rng.integers(0, n_exp, size=n_exp)] for _ in range(B)]
+    jobs: list[np.ndarray] = [np.arange(n_exp)] + [np.array([j]) for j in range(n_exp)]
     layout = []
     for g in spec.groups:
         labels = X[g].astype(str).to_numpy()
@@ -87,82 +97,72 @@ def run(spec: PerFamilySchema, ctx: RunContext) -> dict:
             members = np.flatnonzero(labels == value)
             start = len(jobs)
             jobs.append(members)
-            draws = rng.integers(0, len(members), size=(B, len(members)))
-            jobs += [members[d] for d in draws]
+            if len(members) >= min_n:
+                jobs += [members[d] for d in rng.integers(0, len(members), size=(B, len(members)))]
             layout.append((g, value, members, start))
 
     store = grid_store(spec, X, ctx, base)
     grid = GridApe(store, spec.parameter)
-    optima = [o[last] for o in phased_optima(grid, spec.phases, jobs, metric, desc=spec.name)]
-    global_opt = optima[0]
-    global_boot = np.array(optima[1:B + 1])
+    optima = [o[spec.phases[-1].name] for o in
+              phased_optima(grid, spec.phases, jobs, spec.objective.removesuffix("_mape"), desc=spec.name)]
+    global_opt, per_exp = optima[0], np.array(optima[1:n_exp + 1])
     values = sorted(set(optima))
     P = grid.predictions(values)
     row = {v: i for i, v in enumerate(values)}
     A = {m: P.ape(m) for m in ("tpot", "e2e", "ttft")}
 
     groupings = []
+    confounded = confounding(X, spec.groups)
     for g in spec.groups:
-        entries, boots = [], {}
+        entries = []
         for gg, value, members, start in layout:
             if gg != g:
                 continue
             opt = optima[start]
-            boot = np.array(optima[start + 1:start + 1 + B])
-            boots[value] = boot
-            lo, hi = percentile_interval(boot, level)
+            interval = None
+            if len(members) >= min_n:
+                interval = percentile_interval(np.array(optima[start + 1:start + 1 + B]), level)
             entries.append({
                 "group": value, "experiments": [names[j] for j in members], "n_experiments": int(len(members)),
-                "optimum_us": opt, "ci_low_us": lo, "ci_high_us": hi,
-                "bootstrap_mean_us": float(boot.mean()), "bootstrap_std_us": float(boot.std(ddof=1)),
-                "has_interval": bool(len(members) > 1),
-                "global_optimum_in_ci": bool(lo <= global_opt <= hi),
+                "optimum_us": opt, "experiment_optima_us": [float(per_exp[j]) for j in members],
+                "interval_us": list(interval) if interval else None,
                 **{f"{m}_mape_at_own_optimum": float(A[m][row[opt], members].mean()) for m in A},
                 **{f"{m}_mape_at_global_optimum": float(A[m][row[global_opt], members].mean()) for m in A},
             })
-        pairs = []
-        for a, b in combinations(entries, 2):
-            diff = boots[a["group"]] - boots[b["group"]]
-            dlo, dhi = percentile_interval(diff, level)
-            eligible = a["has_interval"] and b["has_interval"]
-            pairs.append({"a": a["group"], "b": b["group"], "difference_us": a["optimum_us"] - b["optimum_us"],
-                          "diff_ci_low_us": dlo, "diff_ci_high_us": dhi, "eligible": eligible,
-                          "differ": bool(eligible and (dlo > 0 or dhi < 0)),
-                          "intervals_overlap": bool(a["ci_low_us"] <= b["ci_high_us"] and
-                                                    b["ci_low_us"] <= a["ci_high_us"])})
-        eligible = [p for p in pairs if p["eligible"]]
-        differ = [p for p in eligible if p["differ"]]
-        groupings.append({
-            "grouping": g, "groups": entries, "pairs": pairs,
-            "n_eligible_pairs": len(eligible), "n_differing_pairs": len(differ),
-            "optima_differ": bool(differ),
-            "verdict": ("optima differ beyond their uncertainty" if differ else
-                        "optima not distinguishable" if eligible else "too few groups with >1 experiment"),
-            "global_optimum_outside_ci": [e["group"] for e in entries if e["has_interval"] and
-                                          not e["global_optimum_in_ci"]],
-        })
-    glo, ghi = percentile_interval(global_boot, level)
+        test = rank_test(per_exp, X[g].astype(str).to_numpy(), n_permutations=spec.test.n_permutations,
+                         seed=spec.test.seed)
+        p = test["p_value"]
+        verdict = ("too few groups with two or more experiments to test" if p is None else
+                   f"per-experiment optima differ between {g} groups (p = {p:.2g} < {spec.test.alpha:g})"
+                   if p < spec.test.alpha else
+                   f"no difference between {g} groups detectable (p = {p:.2g} >= {spec.test.alpha:g})")
+        groupings.append({"grouping": g, "groups": entries, "test": test,
+                          "differ": bool(p is not None and p < spec.test.alpha), "verdict": verdict,
+                          "confounding": [c for c in confounded if c.startswith(f"{g} ")]})
     return {
         "study": spec.name,
         "kind": KIND,
-        "mode": base["mode"],
-        "tpot_definition": est._tpot_def,
-        "phantom_last_step": est._phantom,
-        "global": {"optimum_us": global_opt, "ci_low_us": glo, "ci_high_us": ghi,
-                   **{f"{m}_mape": float(A[m][row[global_opt]].mean()) for m in A}},
+        "mode": settings.replay.mode,
+        "tpot_definition": settings.replay.tpot,
+        "phantom_last_step": settings.replay.phantom,
+        "global": {"optimum_us": global_opt, **{f"{m}_mape": float(A[m][row[global_opt]].mean()) for m in A}},
+        "experiments": [{"experiment": n, "optimum_us": float(per_exp[j]),
+                         **{g: str(X[g].iloc[j]) for g in spec.groups}} for j, n in enumerate(names)],
         "groupings": groupings,
         "settings": {
             "study_file": ctx.study_file,
-            "dataset": spec.dataset or "embedded hg1 (configs/datasets/hg1)",
+            "dataset": spec.dataset or "embedded hg1",
             "estimator": base,
             "parameter": spec.parameter,
-            "objective": f"mean {spec.objective} over the group's experiments",
+            "objective": f"mean {spec.objective} over the group's (or the one experiment's) experiments",
             "phases": [ph.model_dump(exclude_none=True) for ph in spec.phases],
             "groups": list(spec.groups),
             "bootstrap": spec.bootstrap.model_dump(),
-            "sampler": "exhaustive grid per group and per bootstrap resample (HG1 phases); numpy default_rng "
-                       "resampling; every grid value replayed once on all experiments",
-            "seeds": {"request_seed": base["seed"], "bootstrap_seed": spec.bootstrap.seed},
+            "test": spec.test.model_dump(),
+            "sampler": "exhaustive grid per experiment, per group and per bootstrap resample (HG1 phases); every "
+                       "grid value replayed once on all experiments",
+            "seeds": {"request_seed": base["seed"], "bootstrap_seed": spec.bootstrap.seed,
+                      "permutation_seed": spec.test.seed},
             "trials": f"{len(store.requested)} grid values, each evaluated once on all experiments",
             "grid_values_evaluated": len(store.requested),
             "optuna_study": store.study_name,

@@ -19,11 +19,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from calib.data import load_experiments
-from calib.estimator import RooflineRegressor
-from calib.studies.apematrix import (GridApe, Predictions, SplitterSpec, build_folds, phased_optima,
+from calib.estimators.roofline import RooflineRegressor
+from calib.studies.apematrix import (GridApe, Predictions, SplitterSpec, build_folds, grid_store, phased_optima,
                                      require_columns, store_record, worker_result)
 from calib.studies.context import RunContext
-from calib.studies.kinds.split_sensitivity import GridStudyMixin, grid_store
+from calib.studies.common import GridStudyMixin
 from calib.studies.spec import Strict
 
 KIND = "per_group"
@@ -88,7 +88,7 @@ def run(spec: PerGroupSchema, ctx: RunContext) -> dict:
         for si, sch in enumerate(spec.schemes):
             sp = SplitterSpec(type=sch.type, group=g, n_splits=sch.n_splits)
             plan.append((g, sp, build_folds(sp, X, src, f"schemes[{si}] (group {g!r})")))
-    base = RooflineRegressor(**spec.estimator).get_params()
+    base = RooflineRegressor(**spec.estimator).resolved_params()
     est = RooflineRegressor(**base)
     names = [str(i) for i in X.index]
     all_idx = np.arange(len(names))
@@ -139,8 +139,8 @@ def run(spec: PerGroupSchema, ctx: RunContext) -> dict:
         "study": spec.name,
         "kind": KIND,
         "mode": base["mode"],
-        "tpot_definition": est._tpot_def,
-        "phantom_last_step": est._phantom,
+        "tpot_definition": est.settings().replay.tpot,
+        "phantom_last_step": est.settings().replay.phantom,
         "global_optimum_us": global_opt,
         "global": heldout_metrics(P, row[global_opt], all_idx),
         "reference_points": list(refs),

@@ -10,14 +10,14 @@ overhead parameters.  Every candidate is scored twice, by held-out error:
   runs: per fold a TPE search on the other models' runs (replayed through the
   continuous-batching engine, optionally cut to ``window_s`` seconds per load
   stage), then a full-trace replay of the held-out model's runs
-  (:func:`calib.studies.kinds.batched_calibration.cross_validate`);
+  (:func:`calib.studies.loaded_search.cross_validate`);
 * **synchronous** — leave-one-family-out over the 13 synchronous experiments:
   per fold a TPE search on the other families' experiments with
-  :class:`calib.estimator.RooflineRegressor` (:func:`calib.studies.evaluate.evaluate`),
+  :class:`calib.estimators.roofline.RooflineRegressor` (:func:`calib.studies.evaluate.evaluate`),
   then the held-out family's experiments.
 
 Both use the same loss (weighted, capped APEs of the TTFT, TPOT and E2E means;
-:class:`~calib.studies.kinds.batched_calibration.Objective`).  Candidates are
+:class:`~calib.studies.loaded_search.Objective`).  Candidates are
 ranked by the mean of the two held-out losses.  The best candidate (and every
 v3 candidate, the only variant with mixture-of-experts support) is then fitted
 on all dense loaded runs: those are the reproducible settings of the report,
@@ -33,6 +33,7 @@ context is added as a curve.
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -43,13 +44,14 @@ from pydantic import Field, field_validator, model_validator
 from calib.errors import StudyError
 from calib.physics.batch import StepBatch
 from calib.physics.options import PhysicsOptions
-from calib.physics.overhead import OVERHEAD_MODELS, make_overhead
+from calib.physics.overhead import OVERHEAD_MODELS
+from calib.replay.loaded import LoadedRun, step_model, supports
+from calib.settings import Settings
 from calib.studies.context import RunContext
-from calib.studies.kinds.batched_calibration import (REPLAY_PARAMS, Objective, SearchSettings, cross_validate,
-                                                     final_fit, parse_space, split_params, study_key, tpe)
-from calib.studies.kinds.batched_validation import (LoadedData, RunData, _check_physics, load_runs, output_rule_text,
-                                                    physics_options, settings_block, step_model, supports,
-                                                    without_scatter)
+from calib.studies.loaded_data import (LoadedData, check_physics, load_runs, output_rule_text, physics_settings,
+                                       settings_block, without_scatter)
+from calib.studies.loaded_search import (REPLAY_PARAMS, Objective, SearchSettings, cross_validate, final_fit,
+                                         parse_space, space_text, split_params, study_key, tpe)
 from calib.studies.spec import Strict, StudyBase
 
 KIND = "physics"
@@ -72,7 +74,7 @@ class Candidate(Strict):
     @field_validator("physics")
     @classmethod
     def _physics(cls, v: dict) -> dict:
-        return _check_physics(v)
+        return check_physics(v)
 
     @model_validator(mode="after")
     def _check(self) -> "Candidate":
@@ -114,7 +116,7 @@ class SyncSettings(Strict):
     @field_validator("estimator")
     @classmethod
     def _known(cls, v: dict) -> dict:
-        from calib.estimator import RooflineRegressor
+        from calib.estimators.roofline import RooflineRegressor
 
         known = set(RooflineRegressor().get_params())
         bad = sorted(set(v) - known)
@@ -155,11 +157,7 @@ def estimator_params(base: Mapping[str, Any], physics: Mapping[str, Any], overhe
     for k, v in physics.items():
         est[k] = v
     est["overhead_model"] = overhead_model
-    est["overhead_params"] = dict(overhead_params)
-    if overhead_model == "per_layer" and "per_layer_us" in overhead_params:
-        est["per_layer_overhead_us"] = float(overhead_params["per_layer_us"])
-    if "bw_efficiency" not in physics and physics.get("variant", "v2.3") == "v3":
-        est["bw_efficiency"] = 0.82  # RooflineRegressor's "unset" value for v3: raw peak bandwidth
+    est.update({k: float(v) for k, v in overhead_params.items()})
     return est
 
 
@@ -188,7 +186,7 @@ def sync_cv(ctx: RunContext, name: str, cand: Candidate, sync: SyncSettings, obj
 
         def objective_fn(params: dict, train=train) -> tuple[float, dict]:
             phys, ovh, _ = split_params(params, cand.overhead_model)
-            physics_options({**cand.physics, **phys})  # validates (a CalibError scores the penalty)
+            physics_settings({**cand.physics, **phys}).physics_options()  # validates (a CalibError: the penalty)
             ev = evaluate(train, estimator_params(sync.estimator, {**cand.physics, **phys}, cand.overhead_model, ovh))
             return sync_loss(ev, objective), {"tpot_mape": float(ev["tpot_ape"].mean()),
                                               "e2e_mape": float(ev["e2e_ape"].mean()),
@@ -223,7 +221,7 @@ def sync_cv(ctx: RunContext, name: str, cand: Candidate, sync: SyncSettings, obj
 
 def _drop_sync_cache() -> None:
     """Forget the estimator's cached synchronous replays (each trial's new physics adds a dozen)."""
-    from calib.estimator import clear_cache
+    from calib.estimators.roofline import clear_cache
 
     clear_cache()
 
@@ -254,7 +252,7 @@ def pool_profiles(entries: Sequence[dict]) -> list[dict]:
     return out
 
 
-def decode_curve(rd: RunData, options: PhysicsOptions, overhead, hardware: str) -> list[dict]:
+def decode_curve(rd: LoadedRun, settings: Settings) -> list[dict]:
     """Pure-decode step time (hardware + overhead, ms) at :data:`_DECODE_BATCHES` and the run's typical context.
 
     The context is the mean prompt plus half the mean output length (the mean
@@ -262,7 +260,8 @@ def decode_curve(rd: RunData, options: PhysicsOptions, overhead, hardware: str) 
     """
     req = rd.trace.requests
     ctx_len = int(round(float(req["input_tokens"].mean()) + float(req["output_tokens"].mean()) / 2))
-    sm = step_model(rd.model, rd.trace.tp, options, hardware)
+    sm = step_model(rd.model, rd.trace.tp, settings.physics_options(), settings.physics.hardware)
+    overhead = settings.overhead_model()
     out = []
     for b in _DECODE_BATCHES:
         if b > (rd.trace.max_num_seqs or 128):
@@ -304,7 +303,7 @@ def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
         results[cand.label] = {
             "label": cand.label, "variant": cand.variant, "description": cand.description,
             "physics": dict(cand.physics), "overhead_model": cand.overhead_model,
-            "search_space": {k: _space_text(v) for k, v in space.items()},
+            "search_space": {k: space_text(v) for k, v in space.items()},
             "loaded": {**{k: v for k, v in loaded.items() if k != "runs"}, "runs": without_scatter(loaded["runs"])},
             "synchronous": sync,
             "score": 0.5 * (loaded["heldout_loss"] + sync["heldout_loss"]),
@@ -364,7 +363,7 @@ def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
             "objective": spec.objective.model_dump(),
             "candidates": [c.model_dump() for c in spec.candidates],
             "storage": ctx.storage_label,
-            "sampler": "optuna TPESampler(multivariate=True) via calib.studies.search.tpe_search",
+            "sampler": "optuna TPESampler(multivariate=True) via calib.calibrate.trials.tpe_search",
         },
     }
 
@@ -379,14 +378,19 @@ def _best_block(results: dict, label: str, rule: str) -> dict:
 
 
 def batched_calibration_reference(path: str | None) -> dict | None:
-    """Held-out errors of the overhead-only loaded calibration (``reports/batched-calibration``), when present."""
-    from calib.studies.kinds.batched_validation import REPO, _read_json
+    """Held-out errors of the overhead-only loaded calibration (``reports/batched-calibration``), when present.
 
+    A relative ``path`` is taken from the current folder.
+    """
     if not path:
         return None
-    p = Path(path) if Path(path).is_absolute() else REPO / path
-    doc = _read_json(p) if p.is_file() else None
-    if not doc or doc.get("kind") != "batched_calibration":
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        return None
+    if doc.get("kind") != "batched_calibration":
         return None
     return {"file": path, "best_model": doc.get("best_model"), "physics": doc.get("physics"),
             "heldout_mape": (doc.get("overall") or {}).get("mape"),
@@ -394,7 +398,7 @@ def batched_calibration_reference(path: str | None) -> dict | None:
                                   if x.get("overhead_model") == doc.get("best_model")), None)}
 
 
-def decode_profiles(spec: PhysicsSchema, runs: Sequence[RunData], results: dict) -> dict:
+def decode_profiles(spec: PhysicsSchema, runs: Sequence[LoadedRun], results: dict) -> dict:
     """Per model: measured and predicted TPOT by in-flight batch, and step-model decode curves per candidate."""
     out = {}
     for model in sorted({rd.model for rd in runs if rd.group in ("dense", "moe")}):
@@ -419,22 +423,15 @@ def decode_profiles(spec: PhysicsSchema, runs: Sequence[RunData], results: dict)
             if measured is None:
                 measured = [{"batch_from": p["batch_from"], "batch_to": p["batch_to"], **p["measured"]}
                             for p in pooled]
-            opts = physics_options(setting[0])
-            ovh = make_overhead(setting[1], setting[2])
+            settings = physics_settings(setting[0], hardware=spec.hardware, overhead_model=setting[1],
+                                        overhead_params=setting[2])
             rd = mruns[0]
             per_cand[lab] = {"source": source,
                              "replay": [{"batch_from": p["batch_from"], "batch_to": p["batch_to"], **p["predicted"]}
                                         for p in pooled],
-                             "step_curve": decode_curve(rd, opts, ovh, spec.hardware),
+                             "step_curve": decode_curve(rd, settings),
                              "context_run": rd.name}
         if measured is not None:
             out[model] = {"tp": int(mruns[0].trace.tp), "measured": measured, "candidates": per_cand}
     return out
 
-
-def _space_text(d) -> str:
-    import optuna
-
-    if isinstance(d, optuna.distributions.CategoricalDistribution):
-        return " | ".join(str(c) for c in d.choices)
-    return f"[{d.low:g}, {d.high:g}]" + (" log" if d.log else "")

@@ -25,13 +25,13 @@ from pydantic import Field
 
 from calib.data import load_experiments
 from calib.errors import StudyError
-from calib.estimator import RooflineRegressor
-from calib.model_selection import Fold
-from calib.studies.apematrix import GridApe, phased_optima, store_record, worker_result
+from calib.estimators.roofline import RooflineRegressor
+from calib.calibrate.model_selection import Fold
+from calib.studies.apematrix import (GridApe, fold_metrics, grid_store, phased_optima, store_record,
+                                     worker_result)
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
-from calib.studies.kinds.hg1 import SplitSpec, resolve_split
-from calib.studies.kinds.split_sensitivity import GridStudyMixin, distribution, fold_metrics, grid_store
+from calib.studies.common import GridStudyMixin, SplitSpec, distribution, resolve_split
 
 KIND = "seeds"
 
@@ -74,14 +74,14 @@ def run(spec: SeedsSchema, ctx: RunContext) -> dict:
     _check_seeds(spec, X, src)
     if len(set(spec.seeds)) != len(spec.seeds):
         raise StudyError("seeds repeat", file=src, field="seeds")
-    base = RooflineRegressor(**spec.estimator).get_params()
+    base = RooflineRegressor(**spec.estimator).resolved_params()
     est = RooflineRegressor(**base)
     names = [str(i) for i in X.index]
     pos = {n: i for i, n in enumerate(names)}
     fold = Fold(np.array([pos[n] for n in train]), np.array([pos[n] for n in test]), tuple(train), tuple(test))
     metric = spec.objective.removesuffix("_mape")
     last = spec.phases[-1].name
-    headline_key = (base["lengths"], int(base["seed"]), est._tpot_def)
+    headline_key = (base["lengths"], int(base["seed"]), est.settings().replay.tpot)
 
     runs = []
     studies = {}
@@ -128,8 +128,8 @@ def run(spec: SeedsSchema, ctx: RunContext) -> dict:
         "study": spec.name,
         "kind": KIND,
         "mode": base["mode"],
-        "tpot_definition": est._tpot_def,
-        "phantom_last_step": est._phantom,
+        "tpot_definition": est.settings().replay.tpot,
+        "phantom_last_step": est.settings().replay.phantom,
         "split": {"train": train, "test": test},
         "criteria_spec": [c.model_dump() for c in spec.criteria],
         "headline": head[0] if head else None,

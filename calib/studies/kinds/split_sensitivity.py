@@ -22,18 +22,18 @@ import pandas as pd
 from pydantic import Field
 
 from calib.data import load_experiments
-from calib.estimator import RooflineRegressor
-from calib.model_selection import Fold, split_key
-from calib.studies.apematrix import (CandidateStore, GridApe, Predictions, SplitterSpec, build_folds,
-                                     dataset_fingerprint, fingerprint, phased_optima, store_record, worker_result)
+from calib.estimators.roofline import RooflineRegressor
+from calib.calibrate.model_selection import Fold, split_key
+from calib.studies.apematrix import (GridApe, SplitterSpec, build_folds, fold_metrics, grid_store, phased_optima,
+                                     store_record, worker_result)
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
-from calib.studies.kinds.hg1 import GridStudyMixin, SplitSpec, resolve_split
+from calib.studies.common import GridStudyMixin, SplitSpec, distribution, resolve_split
 from calib.studies.spec import StudyBase
 
 KIND = "split_sensitivity"
 
-__all__ = ["KIND", "schema", "run", "GridStudyMixin", "fold_metrics", "distribution", "grid_store"]
+__all__ = ["KIND", "schema", "run"]
 
 
 class SplitSensitivitySchema(GridStudyMixin):
@@ -47,31 +47,6 @@ class SplitSensitivitySchema(GridStudyMixin):
 
 
 schema = SplitSensitivitySchema
-
-
-def grid_store(spec: StudyBase, X: pd.DataFrame, ctx: RunContext, base: dict, label: str = "grid") -> CandidateStore:
-    """The candidate store of a study's grid (its Optuna study is named after the dataset and estimator)."""
-    name = f"{spec.name}-{label}-{fingerprint(base, dataset_fingerprint(X))}"
-    return CandidateStore(X, base, ctx.storage, name, progress=ctx.progress)
-
-
-def fold_metrics(P: Predictions, row: int, fold: Fold) -> dict[str, dict[str, float]]:
-    """``{metric_mape: {train, test, all}}`` at candidate ``row`` of ``P`` for one fold."""
-    out = {}
-    for m in ("tpot", "ttft", "e2e"):
-        a = P.ape(m)[row]
-        out[f"{m}_mape"] = {"train": float(a[fold.train_idx].mean()), "test": float(a[fold.test_idx].mean()),
-                            "all": float(a.mean())}
-    return out
-
-
-def distribution(values: Sequence[float]) -> dict[str, float]:
-    """Summary statistics of a sample (mean, std, min, quantiles, max)."""
-    v = np.asarray(values, dtype=float)
-    q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return {"n": int(len(v)), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "p05": float(q[0]), "p25": float(q[1]), "median": float(q[2]),
-            "p75": float(q[3]), "p95": float(q[4]), "max": float(v.max())}
 
 
 def _evaluate_folds(spec, grid: GridApe, folds: list[Fold], desc: str) -> list[dict]:
@@ -131,7 +106,7 @@ def run(spec: SplitSensitivitySchema, ctx: RunContext) -> dict:
     pub_fold = None
     if spec.published is not None:
         pub_train, pub_test = resolve_split(spec.published, X, src)
-    base = RooflineRegressor(**spec.estimator).get_params()
+    base = RooflineRegressor(**spec.estimator).resolved_params()
     est = RooflineRegressor(**base)
     names = [str(i) for i in X.index]
     pos = {n: i for i, n in enumerate(names)}
@@ -184,8 +159,8 @@ def run(spec: SplitSensitivitySchema, ctx: RunContext) -> dict:
         "study": spec.name,
         "kind": KIND,
         "mode": base["mode"],
-        "tpot_definition": est._tpot_def,
-        "phantom_last_step": est._phantom,
+        "tpot_definition": est.settings().replay.tpot,
+        "phantom_last_step": est.settings().replay.phantom,
         "splitter": spec.splitter.label,
         "criteria": [c.model_dump() for c in spec.criteria],
         "splits": splits,

@@ -1,4 +1,4 @@
-"""calib.studies.search and .storage: grid and TPE searches shared by processes, resumed, deterministic.
+"""calib.calibrate.trials and .storage: grid and TPE searches shared by processes, resumed, deterministic.
 
 Objectives here are synthetic (microseconds), so the tests exercise the
 bookkeeping: each grid value evaluated once in total, exactly ``n_trials``
@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from calib.errors import StudyError
-from calib.studies.search import grid_search, recording, tpe_search
+from calib.calibrate.trials import grid_search, objective_attrs, recording, tpe_search
 from calib.studies.storage import (
     HeartbeatJournalStorage,
     check_shareable,
@@ -59,7 +59,7 @@ def test_grid_serial_follows_the_grid_and_resumes_without_evaluating(tmp_path):
     out = grid_search("g", st, "x", GRID, lambda v: (calls.append(v), parabola(v))[1], progress=False)
     assert list(out) == GRID and calls == GRID
     assert [out[v].value for v in GRID] == [parabola(v)[0] for v in GRID]
-    assert out[20.0].user_attrs == {"twice": 40.0}
+    assert objective_attrs(out[20.0]) == {"twice": 40.0}
     trials = optuna.load_study(study_name="g", storage=st).get_trials()
     assert [t.params["x"] for t in trials] == GRID  # trial numbers follow the grid
     again = grid_search("g", journal(tmp_path), "x", GRID, lambda v: pytest.fail("re-evaluated"), progress=False)
@@ -99,7 +99,7 @@ def test_grid_ignores_stale_queue_entries_and_foreign_values(tmp_path):
     calls = Counter()
     grid_search("g", st, "x", GRID, lambda v: (calls.update([v]), parabola(v))[1], progress=False)
     assert set(calls) == set(GRID) and max(calls.values()) == 1
-    reasons = [t.system_attrs.get("calib:discarded") for t in study.get_trials() if t.state == TrialState.PRUNED]
+    reasons = [t.user_attrs.get("calib:discarded") for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert len(reasons) == 2 and all(reasons)
 
 
@@ -223,8 +223,8 @@ def test_grid_with_four_processes_evaluates_every_value_once(tmp_path):
     assert sorted(evaluated) == values  # each value evaluated exactly once in total
     serial = grid_search("g", journal(tmp_path, "serial.journal"), "x", values, parabola, progress=False)
     shared = grid_search("g", st, "x", values, lambda v: pytest.fail("re-evaluated"), progress=False)
-    assert [(v, t.value, t.user_attrs) for v, t in shared.items()] == [
-        (v, t.value, t.user_attrs) for v, t in serial.items()]
+    assert [(v, t.value, objective_attrs(t)) for v, t in shared.items()] == [
+        (v, t.value, objective_attrs(t)) for v, t in serial.items()]
 
 
 def test_tpe_with_three_processes_completes_exactly_n_trials(tmp_path):
@@ -234,7 +234,7 @@ def test_tpe_with_three_processes_completes_exactly_n_trials(tmp_path):
     got = states(st, "t")
     print(f"\nreliability: TPE 40 trials, 3 processes, trial states {dict(got)}")
     assert got["COMPLETE"] == 40 and got["RUNNING"] == 0 and got["WAITING"] == 0
-    workers = Counter(t.system_attrs["calib:worker"] for t in
+    workers = Counter(t.user_attrs["calib:worker"] for t in
                       optuna.load_study(study_name="t", storage=st).get_trials(states=(TrialState.COMPLETE,)))
     assert sum(workers.values()) == 40
 

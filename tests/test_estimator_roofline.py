@@ -12,7 +12,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from calib.data import load_experiments
 from calib.errors import CalibError, ConfigError
-from calib.estimator import RooflineRegressor
+from calib.estimators.roofline import RooflineRegressor
 
 # X is an experiments table (model, TP, workload, rate, ...), not a numeric matrix: the checks that
 # feed random numeric arrays cannot apply.  Their DataFrame equivalents are tested below.
@@ -66,14 +66,14 @@ def test_unfitted_predict_raises(small):
 
 
 def test_fit_does_not_change_params(small):
-    est = RooflineRegressor(per_layer_overhead_us=55.0, overhead_params={"per_layer_us": 55.0})
+    est = RooflineRegressor(per_layer_us=55.0, variant="v2.4")
     before = est.get_params()
     est.fit(small, small.tpot_mean_ms)
     assert est.get_params() == before
 
 
 def test_idempotent_order_and_subset_invariant(small):
-    est = RooflineRegressor(per_layer_overhead_us=80).fit(small, small.tpot_mean_ms)
+    est = RooflineRegressor(per_layer_us=80).fit(small, small.tpot_mean_ms)
     a = est.predict(small)
     assert np.array_equal(a, est.fit(small, small.tpot_mean_ms).predict(small))
     rev = small.iloc[::-1]
@@ -82,7 +82,7 @@ def test_idempotent_order_and_subset_invariant(small):
 
 
 def test_pickle_and_clone_roundtrip(small):
-    est = RooflineRegressor(per_layer_overhead_us=80).fit(small, small.tpot_mean_ms)
+    est = RooflineRegressor(per_layer_us=80).fit(small, small.tpot_mean_ms)
     again = pickle.loads(pickle.dumps(est))
     assert np.array_equal(again.predict(small), est.predict(small))
     c = clone(est)
@@ -104,7 +104,9 @@ def test_bad_y_and_empty(small):
 @pytest.mark.parametrize("param,value,field", [
     ("target", "latency", "target"), ("mode", "fast", "mode"), ("mfu_rule", "cubic", "mfu_rule"),
     ("bw_efficiency", 1.5, "bw_efficiency"), ("gemm_mfu_scale", 0.0, "gemm_mfu_scale"),
-    ("mixed_rule", "sum", "mixed_rule"), ("overhead_model", "magic", "overhead_model"),
+    ("mixed_rule", "sum", "mixed_rule"), ("overhead_model", "magic", "overhead.model"),
+    ("per_layer_us", -5.0, "overhead.per_layer_us"), ("per_layer_us", float("nan"), "overhead.per_layer_us"),
+    ("seed", 4.5, "replay.seed"), ("seed", "abc", "replay.seed"), ("alpha", 0.5, "overhead.alpha"),
 ])
 def test_bad_hyperparameters_named(small, param, value, field):
     with pytest.raises(CalibError) as info:
@@ -114,22 +116,22 @@ def test_bad_hyperparameters_named(small, param, value, field):
 
 def test_targets_and_score(small):
     y = small.tpot_mean_ms.to_numpy()
-    est = RooflineRegressor(per_layer_overhead_us=80, target="tpot").fit(small, y)
+    est = RooflineRegressor(per_layer_us=80, target="tpot").fit(small, y)
     pred = est.predict(small)
     assert est.score(small, y) == pytest.approx(-np.mean(np.abs(pred - y) / y))
-    ttft = RooflineRegressor(per_layer_overhead_us=80, target="ttft").fit(small).predict(small)
-    e2e = RooflineRegressor(per_layer_overhead_us=80, target="e2e").fit(small).predict(small)
+    ttft = RooflineRegressor(per_layer_us=80, target="ttft").fit(small).predict(small)
+    e2e = RooflineRegressor(per_layer_us=80, target="e2e").fit(small).predict(small)
     assert np.all(ttft < e2e)
 
 
 def test_overhead_raises_tpot_monotonically(small):
-    preds = [RooflineRegressor(per_layer_overhead_us=v).fit(small).predict(small) for v in (0, 50, 100)]
+    preds = [RooflineRegressor(per_layer_us=v).fit(small).predict(small) for v in (0, 50, 100)]
     assert np.all(preds[0] < preds[1]) and np.all(preds[1] < preds[2])
 
 
 def test_corrected_mode_differs_from_reference(small):
-    ref = RooflineRegressor(per_layer_overhead_us=80).fit(small).predict_all(small)
-    cor = RooflineRegressor(per_layer_overhead_us=80, mode="corrected").fit(small).predict_all(small)
+    ref = RooflineRegressor(per_layer_us=80).fit(small).predict_all(small)
+    cor = RooflineRegressor(per_layer_us=80, mode="corrected").fit(small).predict_all(small)
     # corrected predicts sum(E2E)/sum(O) without the phantom step: TTFT is identical
     assert np.allclose(ref["ttft"], cor["ttft"])
     assert np.all(cor["e2e"] < ref["e2e"])
@@ -139,7 +141,7 @@ def test_corrected_mode_differs_from_reference(small):
 def test_new_overhead_reuses_cached_physics(small, monkeypatch):
     from calib.physics import step_model
 
-    est = RooflineRegressor(per_layer_overhead_us=10).fit(small)
+    est = RooflineRegressor(per_layer_us=10).fit(small)
     est.predict(small)  # warm the cache
     calls = {"n": 0}
     original = step_model.StepModel.build
@@ -149,7 +151,7 @@ def test_new_overhead_reuses_cached_physics(small, monkeypatch):
         return original(*a, **k)
 
     monkeypatch.setattr(step_model.StepModel, "build", counting)
-    RooflineRegressor(per_layer_overhead_us=10).fit(small).predict(small)
+    RooflineRegressor(per_layer_us=10).fit(small).predict(small)
     assert calls["n"] == 0  # no replay (and no solo-step physics) was rebuilt
 
 
@@ -157,30 +159,55 @@ def test_cross_validate_with_groups_and_grid_search(X):
     sub = X.loc[["jan30-llama2-7b-tp4-chatsweep", "jan30-llama2-7b-tp4-codesweep",
                  "20260210-qwen3-14b-tp1-codesweep", "20260210-qwen3-14b-tp2-chatsweep"]]
     y = sub.tpot_mean_ms
-    cv = cross_validate(RooflineRegressor(per_layer_overhead_us=80), sub, y, groups=sub.family,
+    cv = cross_validate(RooflineRegressor(per_layer_us=80), sub, y, groups=sub.family,
                         cv=LeaveOneGroupOut())
     assert len(cv["test_score"]) == 2 and np.all(cv["test_score"] < 0)
-    gs = GridSearchCV(RooflineRegressor(), {"per_layer_overhead_us": [0.0, 80.0, 160.0]},
+    gs = GridSearchCV(RooflineRegressor(), {"per_layer_us": [0.0, 80.0, 160.0]},
                       cv=LeaveOneGroupOut()).fit(sub, y, groups=sub.family)
-    assert gs.best_params_["per_layer_overhead_us"] in (0.0, 80.0, 160.0)
+    assert gs.best_params_["per_layer_us"] in (0.0, 80.0, 160.0)
     # the chosen value is the one with the best mean held-out score
     scores = gs.cv_results_["mean_test_score"]
-    assert gs.best_params_["per_layer_overhead_us"] == [0.0, 80.0, 160.0][int(np.argmax(scores))]
+    assert gs.best_params_["per_layer_us"] == [0.0, 80.0, 160.0][int(np.argmax(scores))]
 
 
 def test_physics_defaults_are_v23():
-    opts = RooflineRegressor().physics_options()
+    opts = RooflineRegressor().settings().physics_options()
     assert (opts.mfu_rule, opts.gemm_weight_floor, opts.decode_attention, opts.mixed_rule) == (
         "nearest", False, "max_context", "weighted")
-    with pytest.raises(ConfigError, match="mfu_floor"):
-        RooflineRegressor(mfu_floor=1.0).physics_options()
+    with pytest.raises(ConfigError, match="physics.mfu_floor"):
+        RooflineRegressor(mfu_floor=1.0).settings()
+
+
+def test_parameters_are_the_settings_flat_names():
+    from calib.settings import FLAT_NAMES
+
+    assert set(RooflineRegressor().get_params()) == set(FLAT_NAMES) | {"target"}
+    assert all(v is None for k, v in RooflineRegressor().get_params().items() if k != "target")
+    with pytest.raises(TypeError, match="overhead_params"):
+        RooflineRegressor(overhead_params={})
+
+
+def test_from_settings_roundtrip():
+    from calib.settings import Settings
+
+    s = Settings.from_params({"overhead_model": "batch_linear", "a_us": 30, "variant": "v2.4", "mode": "corrected"})
+    est = RooflineRegressor.from_settings(s, target="e2e")
+    assert est.settings() == s and est.target == "e2e"
+
+
+def test_request_latency_adds_to_ttft_and_e2e(small):
+    a = RooflineRegressor(per_layer_us=80).fit(small).predict_all(small)
+    b = RooflineRegressor(per_layer_us=80, request_latency_ms=7.0).fit(small).predict_all(small)
+    np.testing.assert_allclose(b["ttft"] - a["ttft"], 7.0)
+    np.testing.assert_allclose(b["e2e"] - a["e2e"], 7.0)
+    np.testing.assert_allclose(b["tpot_itl"], a["tpot_itl"])
 
 
 def test_guidellm_run_with_actual_requests(shared_data):
     run = shared_data / "guidellm" / "jan20-prefill-llama7b-tp1-1"
     X = load_experiments(run)
     assert len(X) == 1 and X.iloc[0]["model"] == "codellama-34b-instruct-hf"
-    est = RooflineRegressor(per_layer_overhead_us=80, lengths="run", mode="corrected").fit(X, X.tpot_mean_ms)
+    est = RooflineRegressor(per_layer_us=80, lengths="run", mode="corrected").fit(X, X.tpot_mean_ms)
     out = est.predict_all(X)
     assert 0 < out["ttft"].iloc[0] < out["e2e"].iloc[0]
     # the replay used the run's own request count

@@ -17,7 +17,7 @@ Grid (:func:`grid_search`)
     (``WAITING``, ``RUNNING`` or ``COMPLETE``) of a *lower number* holds it;
     a trial that ``ask`` had to create (another worker popped the queued one
     first) takes a free value and yields to *any* other holder.  A trial that
-    yields is recorded ``PRUNED`` without evaluation (system attribute
+    yields is recorded ``PRUNED`` without evaluation (user attribute
     ``calib:discarded``).  So a value is evaluated once in total even when two
     workers queue or pick it at the same time.
     Results are read back from the storage and ordered by value, never by
@@ -26,7 +26,7 @@ Grid (:func:`grid_search`)
 TPE (:func:`tpe_search`)
     A trial is evaluated only if fewer than ``n_trials`` live trials have a
     lower number; a surplus trial (a race at the end) is recorded ``FAIL``
-    with the system attribute ``calib:discarded`` and never evaluated, so the
+    with the user attribute ``calib:discarded`` and never evaluated, so the
     study ends with exactly ``n_trials`` ``COMPLETE`` trials.  The sampler is a
     fresh :class:`optuna.samplers.TPESampler` per trial, seeded from the
     study's seed and the number of completed trials (plus the trial number
@@ -62,18 +62,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from calib.errors import StudyError
 
-__all__ = ["grid_search", "tpe_search", "completed_grid", "quiet_optuna", "recording", "worker_id"]
+__all__ = ["grid_search", "tpe_search", "completed_grid", "objective_attrs", "quiet_optuna", "recording",
+           "worker_id"]
 
 _logger = logging.getLogger(__name__)
 
 LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-#: Trial system attributes written by calib.
+#: Trial user attributes written by calib (next to the objective's own attributes).
 WORKER_KEY = "calib:worker"
 DISCARD_KEY = "calib:discarded"
 #: A grid value that failed this many times stops the search (a crash that repeats is a bug, not bad luck).
@@ -90,7 +90,7 @@ def quiet_optuna() -> None:
 
 
 def worker_id() -> str:
-    """``host:pid`` of this process, recorded on every trial it evaluates (system attribute ``calib:worker``)."""
+    """``host:pid`` of this process, recorded on every trial it evaluates (user attribute ``calib:worker``)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -113,6 +113,11 @@ def recording() -> Iterator[list[dict]]:
         _RECORD = previous
 
 
+def objective_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The attributes the objective returned for ``trial`` (without calib's own ``calib:*`` bookkeeping)."""
+    return {k: v for k, v in trial.user_attrs.items() if not k.startswith("calib:")}
+
+
 def _record(entry: dict) -> dict:
     if _RECORD is not None:
         _RECORD.append(entry)
@@ -120,6 +125,30 @@ def _record(entry: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+_OPENED: dict[tuple[str, int], Any] = {}
+
+
+def open_storage_cached(storage=None, **options):
+    """An Optuna storage: a new in-memory one for ``None``, the opened storage of a URL (opened once per
+    process, with ``options`` of :func:`calib.studies.storage.open_storage` at that first opening), or
+    ``storage`` itself."""
+    if storage is None:
+        return optuna.storages.InMemoryStorage()
+    if isinstance(storage, str):
+        key = (storage, os.getpid())  # a forked worker opens its own (a parent's connections are not its)
+        if key not in _OPENED:
+            from calib.studies.storage import open_storage
+
+            _OPENED[key] = open_storage(storage, **options)
+        return _OPENED[key]
+    return storage
+
+
+def forget_storage(url: str) -> None:
+    """Drop the opened storage of ``url`` from the cache (a study run is over, or its files are removed)."""
+    _OPENED.pop((url, os.getpid()), None)
 
 
 def _as_storage(storage):
@@ -131,7 +160,15 @@ def _as_storage(storage):
 
 
 def _heartbeat_interval(storage) -> int | None:
-    return storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
+    """The storage's heartbeat interval (s), or None when it keeps no heartbeats (in-memory storage)."""
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter() if callable(getter) else None
+
+
+def _trial_id(storage, study: optuna.Study, trial: optuna.trial.Trial) -> int:
+    """The storage's id of a running trial, through the public storage API."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                           trial.number)
 
 
 def _fail_stale(study: optuna.Study) -> None:
@@ -282,7 +319,7 @@ def _tell_fail(study: optuna.Study, trial, reason: str | None = None) -> None:
     """Mark ``trial`` FAIL, whatever happened to it meanwhile; never raises."""
     try:
         if reason:
-            study._storage.set_trial_system_attr(trial._trial_id, DISCARD_KEY, reason)
+            trial.set_user_attr(DISCARD_KEY, reason)
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     except Exception as exc:  # the storage is gone or the trial finished: nothing more to do
         _logger.debug("could not mark trial %s FAIL: %s", getattr(trial, "number", "?"), exc)
@@ -291,7 +328,7 @@ def _tell_fail(study: optuna.Study, trial, reason: str | None = None) -> None:
 def _discard(study: optuna.Study, trial, reason: str, state: TrialState) -> None:
     """Finish ``trial`` without evaluating it (``calib:discarded`` says why)."""
     try:
-        study._storage.set_trial_system_attr(trial._trial_id, DISCARD_KEY, reason)
+        trial.set_user_attr(DISCARD_KEY, reason)
         study.tell(trial, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
@@ -315,10 +352,10 @@ def _finish(study: optuna.Study, trial, values, attrs: Mapping[str, Any]) -> boo
 def _claimed_trial(study: optuna.Study, storage) -> Iterator[optuna.trial.Trial]:
     """Ask for a trial with a heartbeat running; any exception (Ctrl-C too) inside marks it FAIL."""
     trial = _ask(study)
-    beat = _Heartbeat(storage, trial._trial_id)
+    beat = _Heartbeat(storage, _trial_id(storage, study, trial))
     try:
         beat.start()
-        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, worker_id())
+        trial.set_user_attr(WORKER_KEY, worker_id())
         yield trial
     except BaseException:
         _tell_fail(study, trial)
@@ -379,7 +416,7 @@ def _pick(free: list[float], trials: Sequence[FrozenTrial]) -> float:
     active = {me}
     for t in trials:
         if t.state == TrialState.RUNNING or (t.datetime_complete is not None and t.datetime_complete > recent):
-            who = t.system_attrs.get(WORKER_KEY)
+            who = t.user_attrs.get(WORKER_KEY)
             if isinstance(who, str):
                 active.add(who)
     return free[sorted(active).index(me) % len(free)]
@@ -522,10 +559,15 @@ def _suggest(trial: optuna.trial.Trial, name: str, dist: BaseDistribution) -> An
     raise StudyError(f"unsupported distribution {type(dist).__name__}", field=name)
 
 
-def _tpe_sampler(seed: int, options: Mapping[str, Any]) -> optuna.samplers.TPESampler:
+#: sampler name -> Optuna sampler class (``cmaes`` needs the ``cmaes`` package)
+SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "random": "RandomSampler"}
+
+
+def _tpe_sampler(seed: int, options: Mapping[str, Any], algorithm: str = "tpe") -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, **options)
+        warnings.simplefilter("ignore", UserWarning)  # CMA-ES: "independent sampling" of categorical params
+        return getattr(optuna.samplers, SAMPLERS[algorithm])(seed=seed, **options)
 
 
 def _derive_seed(*key: int) -> int:
@@ -543,7 +585,7 @@ def _values(result: Any, n: int) -> list[float] | None:
 
 
 def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistribution], objective, n_trials: int,
-               seed: int, options: dict, signals: _Signals) -> str:
+               seed: int, options: dict, signals: _Signals, algorithm: str = "tpe") -> str:
     """Ask one trial; ``"surplus"``, ``"complete"``, ``"failed"`` (non-finite objective) or ``"dropped"``."""
     with _claimed_trial(study, storage) as trial:
         trials = study.get_trials(deepcopy=False)
@@ -553,7 +595,7 @@ def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistributio
         n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
         others = any(t.state == TrialState.RUNNING and t.number != trial.number for t in trials)
         key = (seed, n_complete, trial.number) if others else (seed, n_complete)
-        study.sampler = _tpe_sampler(_derive_seed(*key), options)
+        study.sampler = _tpe_sampler(_derive_seed(*key), options, algorithm)
         params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
         with signals.interruptible():
             result, attrs = objective(params)
@@ -567,8 +609,10 @@ def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistributio
 def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
                objective: Callable[[dict[str, Any]], tuple[float | Sequence[float], Mapping[str, Any]]],
                n_trials: int, seed: int, directions: Sequence[str] | None = None, progress: bool = True, *,
-               desc: str | None = None, sampler_options: Mapping[str, Any] | None = None) -> list[FrozenTrial]:
-    """Run TPE until the study holds exactly ``n_trials`` completed trials, sharing the work with other workers.
+               desc: str | None = None, sampler_options: Mapping[str, Any] | None = None,
+               algorithm: str = "tpe") -> list[FrozenTrial]:
+    """Run TPE (or CMA-ES, or random sampling) until the study holds exactly ``n_trials`` completed trials,
+    sharing the work with other workers.
 
     Parameters
     ----------
@@ -593,8 +637,10 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
     desc : str, optional
         Label of the progress bar.
     sampler_options : dict, optional
-        Extra :class:`optuna.samplers.TPESampler` arguments (``n_startup_trials``,
-        ``multivariate``, ...; ``constant_liar`` defaults to True).
+        Extra arguments of the sampler (TPE: ``n_startup_trials``, ``multivariate``,
+        ...; ``constant_liar`` defaults to True; CMA-ES: ``x0``, ``sigma0``, ...).
+    algorithm : {"tpe", "cmaes", "random"}
+        The Optuna sampler (:data:`SAMPLERS`).
 
     Returns
     -------
@@ -626,12 +672,14 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
     directions = [str(d).lower() for d in (directions or ["minimize"])]
     if any(d not in ("minimize", "maximize") for d in directions):
         raise StudyError(f"directions must be 'minimize' or 'maximize', got {directions}", field="directions")
-    options = {"constant_liar": True, **dict(sampler_options or {})}
+    if algorithm not in SAMPLERS:
+        raise StudyError(f"unknown sampler {algorithm!r}; choose one of {', '.join(SAMPLERS)}", field="sampler")
+    options = {**({"constant_liar": True} if algorithm == "tpe" else {}), **dict(sampler_options or {})}
     if "seed" in options:
         raise StudyError("give the seed as the 'seed' argument", field="sampler_options.seed")
     storage = _as_storage(storage)
-    study = _open_study(study_name, storage, directions, _tpe_sampler(int(seed), options))
-    entry = _record({"study": study_name, "sampler": "TPESampler", "seed": int(seed), "trials": n_trials,
+    study = _open_study(study_name, storage, directions, _tpe_sampler(int(seed), options, algorithm))
+    entry = _record({"study": study_name, "sampler": SAMPLERS[algorithm], "seed": int(seed), "trials": n_trials,
                      "evaluated": 0})
     backoff, stale, failures = _Backoff(), _StaleCheck(study, storage), 0
     with _bar(n_trials, 0, desc or study_name, progress) as bar, _Signals() as signals:
@@ -649,7 +697,7 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
                 with signals.interruptible():
                     backoff.wait()
                 continue
-            outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals)
+            outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals, algorithm)
             backoff.reset()
             if outcome == "complete":
                 entry["evaluated"] += 1

@@ -6,17 +6,19 @@ random value, a key or item deleted, a numeric edge value set) or replaced by
 random bytes or hostile YAML.  The loader must either load or raise
 :class:`calib.errors.CalibError` naming the file (and the field, whenever the
 document is still a mapping), within a deadline: never another exception or a
-hang.  A last property runs whole studies on a broken dataset: an error
-is a CalibError and leaves no partial report behind.
+hang.  The measured-data loaders (experiment summaries and workloads, request
+lengths, GuideLLM runs, batched traces) are also fuzzed on their own terms:
+they load or raise :class:`calib.errors.DataError`.  A last property runs whole
+studies on a broken dataset: an error is a CalibError and leaves no partial
+report behind.
 
-50 cases per loader by default; ``CALIB_FUZZ_EXAMPLES=2000 pytest
-tests/test_fuzz_loaders.py -s`` runs a longer campaign.  The counts are printed
-by the last test (``-s``).
+50 cases per test by default; ``CALIB_FUZZ_EXAMPLES=2000 pytest
+tests/data/test_fuzz_loaders.py -s`` runs a longer campaign.  The counts are
+printed by the last test (``-s``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -32,21 +34,16 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from calib.data import EMBEDDED_HG1, load_guidellm_run, load_trace
-from calib.errors import CalibError
+from calib.data import EMBEDDED_HG1, load_experiments, load_guidellm_run, load_trace, load_workloads, reference_lengths
+from calib.errors import CalibError, DataError
+from calib.resources import config_path, study_dir
 from calib.specs import load_hardware, load_mfu, load_model
 from calib.studies.spec import load_study_file
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("CALIB_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DEADLINE_S = 30  # one load taking longer than this is a hang
-
-# the synthetic GuideLLM run and batched trace of the data-loader tests
-_spec = importlib.util.spec_from_file_location("_calib_data_builders", REPO / "tests" / "data" / "conftest.py")
-builders = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(builders)
 
 #: per loader: cases tried, loaded, rejected with a CalibError, rejected without a field
 STATS: dict[str, Counter] = defaultdict(Counter)
@@ -59,6 +56,9 @@ scalars = st.one_of(
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 EDGES = [0, -1, 0.0, -0.0, 1e308, -1e308, 2**70, 10**400, float("nan"), float("inf"), "", None, [], {}, True]
+#: odd CSV cells for the experiment summaries
+odd_cells = st.sampled_from(["", "0", "-1", "nan", "inf", "1e999", "x", '"', "2.5", "train"]) | st.text(max_size=6)
+
 
 HOSTILE_YAML = [
     "!!python/object/apply:os.system ['echo pwned > {canary}']",
@@ -162,10 +162,19 @@ def draw_document(data, doc, kind: str) -> tuple[str, bool]:
     return dump(doc, kind), isinstance(doc, dict)
 
 
+def ok_or_data_error(fn):
+    """Run ``fn``; a failure must be a :class:`DataError` (the measured-data loaders' own error)."""
+    try:
+        with deadline():
+            return fn()
+    except DataError:
+        return None
+
+
 # --------------------------------------------------------------------------- model and hardware configs
 
 
-MODEL_DOCS = {name: yaml.safe_load((REPO / "configs" / "models" / f"{name}.yaml").read_text())
+MODEL_DOCS = {name: yaml.safe_load(config_path("models", f"{name}.yaml").read_text())
               for name in ("llama-2-7b-hf", "mixtral-8x7b-v0.1", "qwen3-14b")}
 
 
@@ -186,7 +195,7 @@ def test_fuzz_model_config(data):
             assert spec.num_heads % spec.num_kv_heads == 0 and spec.dtype_bytes >= 1
 
 
-HARDWARE = yaml.safe_load((REPO / "configs" / "hardware" / "h100.yaml").read_text())
+HARDWARE = yaml.safe_load(config_path("hardware", "h100.yaml").read_text())
 
 
 @FUZZ
@@ -257,9 +266,9 @@ def test_fuzz_mfu_table(data):
 
 @FUZZ
 @given(data=st.data())
-def test_fuzz_guidellm_results(data):
-    docs = {"guidellm-results.json": builders.guidellm_doc(n=3), "exp-config.yaml": builders.deep(builders.EXP_CONFIG),
-            "profile.yaml": builders.deep(builders.PROFILE)}
+def test_fuzz_guidellm_results(data, builders):
+    docs = {"guidellm-results.json": builders.guidellm_doc(n=3), "exp-config.yaml": builders.exp_config(),
+            "profile.yaml": builders.profile()}
     name = data.draw(st.sampled_from(["guidellm-results.json"] * 3 + ["exp-config.yaml", "profile.yaml"]))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "run"
@@ -278,7 +287,7 @@ def test_fuzz_guidellm_results(data):
 
 @FUZZ
 @given(data=st.data())
-def test_fuzz_batched_trace(data):
+def test_fuzz_batched_trace(data, builders):
     docs = builders.trace_docs(n=4)
     name = data.draw(st.sampled_from(["requests.json", "requests.json", "ground_truth.json", "profile.yaml",
                                       "exp-config.yaml"]))
@@ -300,7 +309,7 @@ def test_fuzz_batched_trace(data):
 # --------------------------------------------------------------------------- study files
 
 
-STUDY_DOCS = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "studies").glob("*.yaml"))}
+STUDY_DOCS = {p.name: yaml.safe_load(p.read_text()) for p in sorted(study_dir().glob("*.yaml"))}
 
 
 @FUZZ
@@ -319,6 +328,106 @@ def test_fuzz_study_file(data):
         assert not canary.exists()  # nothing in a study file is executed
         if spec is not None:
             assert spec.name and spec.kind
+
+
+# --------------------------------------------------------------------------- measured data: load or DataError
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_experiments_csv_and_workloads(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shutil.copy(EMBEDDED_HG1 / "experiments.csv", folder)
+        shutil.copy(EMBEDDED_HG1 / "workloads.yaml", folder)
+        lines = (folder / "experiments.csv").read_text().splitlines()
+        rows = [line.split(",") for line in lines]
+        target = data.draw(st.sampled_from(["cell", "line", "yaml", "raw"]))
+        if target == "cell":
+            for _ in range(data.draw(st.integers(1, 3))):
+                i, j = data.draw(st.integers(0, len(rows) - 1)), data.draw(st.integers(0, 8))
+                rows[i][j] = data.draw(odd_cells)
+            (folder / "experiments.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+        elif target == "line":
+            i = data.draw(st.integers(0, len(lines) - 1))
+            lines[i] = data.draw(st.text(max_size=40))
+            (folder / "experiments.csv").write_text("\n".join(lines))
+        elif target == "yaml":
+            doc = mutate(yaml.safe_load((folder / "workloads.yaml").read_text()), data)
+            (folder / "workloads.yaml").write_text(dump(doc, "yaml"))
+        else:
+            name = data.draw(st.sampled_from(["experiments.csv", "workloads.yaml"]))
+            (folder / name).write_bytes(data.draw(st.binary(max_size=200)))
+        df = ok_or_data_error(lambda: load_experiments(folder))
+        if df is not None:
+            assert df.tp.min() >= 1 and (df[["ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms"]] > 0).all().all()
+        ok_or_data_error(lambda: load_workloads(folder))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_request_lengths(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "request_lengths.json"
+        doc = {"42": {"w": [[1, 2], [3, 4]]}, "1": {"w": [[5, 6]], "v": [[0, 1]]}}
+        if data.draw(st.booleans()):
+            path.write_text(dump(mutate(doc, data), "json"))
+        else:
+            path.write_bytes(data.draw(st.binary(max_size=100)))
+        seed = data.draw(st.sampled_from([42, 1, 7]))
+        out = ok_or_data_error(lambda: reference_lengths(data.draw(st.sampled_from(["w", "v"])), seed, path=path))
+        if out is not None:
+            assert out.ndim == 2 and out.shape[1] == 2
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_guidellm_run(data, builders):
+    with tempfile.TemporaryDirectory() as tmp:
+        doc, exp, prof = builders.guidellm_doc(n=3), builders.exp_config(), builders.profile()
+        which = data.draw(st.sampled_from(["results", "results", "exp", "profile", "raw"]))
+        if which == "results":
+            doc = mutate(doc, data)
+        elif which == "exp":
+            exp = mutate(exp, data)
+        elif which == "profile":
+            prof = mutate(prof, data)
+        folder = Path(tmp) / "run"
+        folder.mkdir()
+        (folder / "guidellm-results.json").write_text(dump(doc, "json"))
+        (folder / "exp-config.yaml").write_text(dump(exp, "yaml"))
+        (folder / "profile.yaml").write_text(dump(prof, "yaml"))
+        if which == "raw":
+            name = data.draw(st.sampled_from(["guidellm-results.json", "exp-config.yaml", "profile.yaml"]))
+            (folder / name).write_bytes(data.draw(st.binary(max_size=200)))
+        run = ok_or_data_error(lambda: load_guidellm_run(folder))
+        if run is not None:
+            assert run.rate > 0 and len(run.requests) > 0
+            ok_or_data_error(run.constant_rate_benchmarks)
+            ok_or_data_error(lambda: load_experiments(folder))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_trace(data, builders):
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = builders.trace_docs(n=4)
+        names = ["requests.json", "requests.json", "ground_truth.json", "profile.yaml", "exp-config.yaml"]
+        name = data.draw(st.sampled_from(names))
+        raw = data.draw(st.integers(0, 9)) == 0
+        if not raw:
+            docs[name] = mutate(docs[name], data)
+        folder = Path(tmp) / "run"
+        folder.mkdir()
+        for fname, doc in docs.items():
+            (folder / fname).write_text(dump(doc, "json" if fname.endswith(".json") else "yaml"))
+        if raw:
+            (folder / name).write_bytes(data.draw(st.binary(max_size=200)))
+        rule = data.draw(st.sampled_from(["profile", "recorded", "exclude"]))
+        trace = ok_or_data_error(lambda: load_trace(folder, output_rule=rule))
+        if trace is not None:
+            r = trace.requests
+            assert len(r) > 0 and (r.arrival_us >= 0).all() and r.arrival_us.is_monotonic_increasing
 
 
 # --------------------------------------------------------------------------- a whole run on broken input

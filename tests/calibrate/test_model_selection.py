@@ -16,7 +16,7 @@ from sklearn.model_selection import GroupKFold, LeavePOut, ShuffleSplit, cross_v
 
 from calib.data import load_experiments
 from calib.errors import CalibError
-from calib.model_selection import (AllKOfNSplit, FixedSplit, group_labels, make_splitter, materialize_splits,
+from calib.calibrate.model_selection import (AllKOfNSplit, FixedSplit, group_labels, make_splitter, materialize_splits,
                                    split_key)
 
 
@@ -64,14 +64,14 @@ def test_usable_by_cross_validate():
 
 
 def test_cross_validate_with_the_roofline_estimator(X):
-    from calib.estimator import RooflineRegressor
+    from calib.estimators.roofline import RooflineRegressor
 
     small = X.loc[["jan30-llama2-7b-tp4-chatsweep", "20260210-qwen3-14b-tp2-chatsweep",
                    "jan30-llama2-7b-tp4-codesweep"]]
-    res = cross_validate(RooflineRegressor(per_layer_overhead_us=80), small, small["tpot_mean_ms"],
+    res = cross_validate(RooflineRegressor(per_layer_us=80), small, small["tpot_mean_ms"],
                          cv=AllKOfNSplit(1))
     assert len(res["test_score"]) == 3
-    pred = RooflineRegressor(per_layer_overhead_us=80).fit(small).predict(small)
+    pred = RooflineRegressor(per_layer_us=80).fit(small).predict(small)
     ape = np.abs(pred - small["tpot_mean_ms"].to_numpy()) / small["tpot_mean_ms"].to_numpy()
     assert np.allclose(-res["test_score"], ape)
 

@@ -1,0 +1,240 @@
+"""``RooflineRegressor``: the roofline step model + synchronous replay as a scikit-learn estimator.
+
+``X`` is an experiments DataFrame (:func:`calib.data.load_experiments`), one
+row per experiment; ``y`` is the measured mean of ``target`` (ms).  The
+overhead and the physics constants are hyperparameters, so ``fit`` only
+validates; ``predict`` replays each experiment and returns its predicted mean.
+
+Replays are cached across estimator instances (and so across ``clone``,
+``GridSearchCV`` and Optuna trials): the solo-step hardware times of an
+experiment depend only on the physics, so a new overhead value reuses them.
+Predictions are cached too, keyed by (experiment, settings): the folds, seeds
+and candidates of a study that meet the same point replay it once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import mean_absolute_percentage_error
+
+from calib.errors import CalibError, DataError
+from calib.estimators.base import MEASURED, SettingsMixin, settings_constraints, settings_init
+from calib.metrics import tpot_ms
+from calib.physics.step_model import StepModel
+from calib.replay.engine import SchedulerConfig
+from calib.replay.synchronous import RequestTimes, SyncReplay, SyncRequests
+from calib.settings import Settings
+
+__all__ = ["RooflineRegressor", "TARGETS", "REQUIRED_COLUMNS", "clear_cache"]
+
+TARGETS = ("tpot", "ttft", "e2e")
+REQUIRED_COLUMNS = ("model", "tp", "workload", "rate", "n_requests", "prefix_tokens")
+
+_REPLAYS: "OrderedDict[tuple, SyncReplay]" = OrderedDict()
+_MAX_REPLAYS = 2048
+#: (experiment row, settings) -> predicted summary: shared across folds, seeds and candidates of a process
+_PREDICTIONS: "OrderedDict[tuple, dict]" = OrderedDict()
+_MAX_PREDICTIONS = 100_000
+
+
+def clear_cache() -> None:
+    """Forget every cached replay and prediction."""
+    _REPLAYS.clear()
+    _PREDICTIONS.clear()
+
+
+class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
+    """Predict experiment-mean latency from the roofline step model.
+
+    Parameters
+    ----------
+    **settings
+        Every parameter of :class:`calib.settings.Settings` under its flat
+        name (``per_layer_us``, ``variant``, ``bw_efficiency``, ``mode``,
+        ``seed``, ...), default ``None``: the settings default.  Validated in
+        ``fit`` (one-line :class:`~calib.errors.ConfigError`).
+    target : {"tpot", "ttft", "e2e"}, default "tpot"
+        What ``predict`` returns and ``score`` scores.
+
+    Attributes
+    ----------
+    settings_ : Settings
+        The validated settings (set by ``fit``).
+    experiments_ : list of str
+        Experiments seen by ``fit``.
+    n_features_in_ : int
+        Columns of the ``X`` given to ``fit``.
+
+    Notes
+    -----
+    ``fit`` learns nothing: the estimator has no fitted parameters.  Learning
+    the settings from data is :class:`calib.calibrate.Calibrator`'s ``fit``.
+
+    Examples
+    --------
+    >>> from calib.data import load_experiments
+    >>> X = load_experiments()
+    >>> est = RooflineRegressor(per_layer_us=60).fit(X, X.tpot_mean_ms)
+    >>> pred = est.predict(X)
+    >>> len(pred), bool((pred > 0).all())
+    (13, True)
+    """
+
+    __init__ = settings_init(target="tpot")
+    _parameter_constraints = {**settings_constraints(), "target": [str]}
+
+    def _check_target(self) -> None:
+        if self.target not in TARGETS:
+            raise CalibError(f"unknown value {self.target!r}; choose one of {', '.join(TARGETS)}", field="target")
+
+    # ---- scikit-learn API ------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Validate the settings, ``X`` (experiments) and ``y`` (measured target, ms); nothing is learned."""
+        self._check_target()
+        settings = self.settings()
+        settings.physics_options()
+        X = _check_frame(X)
+        if y is not None:
+            y = np.asarray(y, dtype=float)
+            if y.shape != (len(X),):
+                raise ValueError(f"y has shape {y.shape}, expected ({len(X)},)")
+            if not np.all(np.isfinite(y)) or np.any(y <= 0):
+                raise ValueError("y must hold finite, positive measured means (ms)")
+        self.settings_ = settings
+        self.experiments_ = [str(i) for i in X.index]
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted experiment means of ``target`` (ms), one per row of ``X``."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "experiments_")
+        return self.predict_all(X)[self.target].to_numpy()
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Negative mean absolute percentage error (a fraction; higher is better)."""
+        return -mean_absolute_percentage_error(y, self.predict(X), sample_weight=sample_weight)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.target_tags.required = True
+        tags.target_tags.positive_only = True
+        tags.non_deterministic = False
+        return tags
+
+    # ---- everything at once ------------------------------------------------------------
+    def predict_all(self, X) -> pd.DataFrame:
+        """Predicted ``ttft``, ``tpot``, ``e2e`` (ms) per experiment, plus ``tpot_itl``, ``tpot_guidellm``
+        and the number of requests replayed overlapping (``overlapped``)."""
+        self._check_target()
+        settings = self.settings()
+        X = _check_frame(X)
+        overhead = None
+        rows = []
+        for name, row in X.iterrows():
+            key = (_row_key(row, settings.replay.lengths, settings.replay.seed), settings)
+            summary = _PREDICTIONS.get(key)
+            if summary is None:
+                overhead = overhead or settings.overhead_model()
+                times = self.replay(row, settings).run(overhead)
+                summary = _summarise(times, settings.replay.tpot, settings.replay.request_latency_ms)
+                _PREDICTIONS[key] = summary
+                if len(_PREDICTIONS) > _MAX_PREDICTIONS:
+                    _PREDICTIONS.popitem(last=False)
+            rows.append(summary)
+        return pd.DataFrame(rows, index=X.index)
+
+    @staticmethod
+    def measured(X) -> pd.DataFrame:
+        """The measured means of ``X`` as ``ttft``, ``tpot``, ``e2e`` columns (ms)."""
+        X = _check_frame(X)
+        return pd.DataFrame({k: X[c].to_numpy(dtype=float) for k, c in MEASURED.items()}, index=X.index)
+
+    def replay(self, row: pd.Series, settings: Settings | None = None) -> SyncReplay:
+        """The cached :class:`SyncReplay` of one experiment row under these settings' physics and replay."""
+        settings = settings or self.settings()
+        options = settings.physics_options()
+        rp = settings.replay
+        sched = SchedulerConfig(phantom_last_step=rp.phantom)
+        key = repr((_row_key(row, rp.lengths, rp.seed), settings.physics.hardware, asdict(options),
+                    asdict(sched).items()))
+        rep = _REPLAYS.get(key)
+        if rep is None:
+            try:
+                sm = StepModel.build(str(row["model"]), int(row["tp"]), hardware=settings.physics.hardware,
+                                     options=options)
+            except CalibError as exc:
+                if exc.file is None and row.get("source") is not None:  # name the experiments file
+                    raise type(exc)(f"experiment {row.name!r}: {exc.message}", file=str(row["source"]),
+                                    field=exc.field) from None
+                raise
+            requests = _requests(row, rp.lengths, rp.seed)
+            rep = SyncReplay(sm, requests, sched)
+            _REPLAYS[key] = rep
+            if len(_REPLAYS) > _MAX_REPLAYS:
+                _REPLAYS.popitem(last=False)
+        else:
+            _REPLAYS.move_to_end(key)
+        return rep
+
+
+def _summarise(times: RequestTimes, tpot_def: str, latency_ms: float = 0.0) -> dict:
+    extra_us = latency_ms * 1e3
+    ttft, e2e = times.ttft_us + extra_us, times.e2e_us + extra_us
+    itl = tpot_ms(ttft, e2e, times.output_tokens, "itl")
+    gl = tpot_ms(ttft, e2e, times.output_tokens, "guidellm")
+    return {
+        "ttft": float(np.mean(ttft)) / 1e3,
+        "e2e": float(np.mean(e2e)) / 1e3,
+        "tpot": itl if tpot_def == "itl" else gl,
+        "tpot_itl": itl,
+        "tpot_guidellm": gl,
+        "overlapped": times.overlapped,
+    }
+
+
+def _check_frame(X) -> pd.DataFrame:
+    if not isinstance(X, pd.DataFrame):
+        raise TypeError("X must be an experiments DataFrame (calib.data.load_experiments), "
+                        f"got {type(X).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in X.columns]
+    if missing:
+        raise DataError(f"experiments table lacks column(s) {', '.join(missing)}", field=missing[0])
+    if len(X) == 0:
+        raise ValueError("X has no experiments (0 rows)")
+    return X
+
+
+def _row_key(row: pd.Series, lengths: str, seed: int) -> tuple:
+    cols = ("model", "tp", "workload", "rate", "n_requests", "prefix_tokens", "prompt_mean", "prompt_stdev",
+            "prompt_min", "prompt_max", "output_mean", "output_stdev", "output_min", "output_max", "source")
+    return tuple(str(row.get(c)) for c in cols) + (lengths, int(seed))
+
+
+def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
+    from calib.data import load_workloads, reference_lengths, sample_lengths
+
+    n = int(row["n_requests"])
+    prefix = int(row["prefix_tokens"])
+    if lengths == "reference":
+        arr = reference_lengths(str(row["workload"]), int(seed))[:n]
+    elif lengths == "numpy":
+        workloads = load_workloads()
+        wl = workloads.get(str(row["workload"]))
+        if wl is None:
+            raise DataError(f"unknown workload {row['workload']!r}", field="workload")
+        arr = sample_lengths(wl, n, int(seed))
+    else:
+        from calib.data import load_guidellm_run
+
+        run = load_guidellm_run(str(row["source"]))
+        req = run.requests
+        arr = np.c_[np.maximum(req["prompt_tokens"].to_numpy() - prefix, 0), req["output_tokens"].to_numpy()]
+    return SyncRequests.from_lengths(arr, float(row["rate"]), prefix)
