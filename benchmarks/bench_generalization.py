@@ -9,12 +9,13 @@
    times the replays a split-by-split search would need (715 splits x its
    grid values x the 9 train experiments), so the ratio is what computing the
    APE matrix once saves.  Target: < 20 s.
-2. ``studies/overhead-models.yaml``: every overhead model, nested CV over both
-   schemes (TPE in each leave-one-family-out fold, pool selection over the 715
-   splits), from a cold start.  Prints the total, the TPE trials and pool
-   candidates replayed, and the cost per trial split into replay and
-   sampler + storage.  Target: < 10 min.  ``--quick`` runs a cut-down copy
-   (two models, 10 trials, 16 pool candidates).
+2. ``studies/overhead-models.yaml`` in one mode: every candidate, nested
+   cross-validation (outer leave-one-family-out, SelectBest inside, one TPE
+   search per fold, seed and candidate), from a cold start.  Prints the total,
+   the Optuna studies and trials, and the cost per trial split into the
+   replay (``predict_all``) and the rest (sampler + storage).  Target: both
+   modes well under 15 min.  ``--quick`` runs a cut-down copy (two models, 10
+   trials per seed).
 3. Storage cost per TPE trial, trivial objective, SQLite in a temp folder:
    :func:`calib.calibrate.trials.tpe_search` (every ask/tell on the storage)
    against :func:`calib.studies.apematrix.tpe_search` (in-memory study,
@@ -56,7 +57,15 @@ class Timer:
 
 
 def study_file(name: str, mode: str) -> Path:
-    return REPO / "studies" / (f"{name}.yaml" if mode == "reference" else f"{name}-corrected.yaml")
+    twin = REPO / "studies" / f"{name}-corrected.yaml"  # a study not yet merged into one file with `modes:`
+    return twin if mode == "corrected" and twin.exists() else REPO / "studies" / f"{name}.yaml"
+
+
+def run_mode(path: Path, out: Path, mode: str, **kw):
+    """Run one mode of a study file (with ``modes:``) or the file as written."""
+    from calib.studies.spec import load_study_file
+
+    return run_study(path, out, mode=mode if load_study_file(path).modes else None, **kw)
 
 
 def bench_split_sensitivity(mode: str, tmp: Path) -> None:
@@ -73,10 +82,11 @@ def bench_split_sensitivity(mode: str, tmp: Path) -> None:
     print(f"\n1. split sensitivity ({path.name})")
     clear_cache()
     with Timer() as cold:
-        r = run_study(path, tmp / "ss", progress=False, report=False)
+        r = run_mode(path, tmp / "ss", mode, progress=False, report=False)
     with Timer() as warm:
-        run_study(path, tmp / "ss", progress=False, report=False)
+        run_mode(path, tmp / "ss", mode, progress=False, report=False)
     spec = load_study_file(path)
+    spec = spec.for_mode(mode) if spec.modes else spec
     X = load_experiments(spec.dataset)
     base = RooflineRegressor(**spec.estimator).get_params()
     folds = materialize_splits(AllKOfNSplit(spec.splitter.n_test), X)
@@ -104,52 +114,54 @@ def bench_split_sensitivity(mode: str, tmp: Path) -> None:
 
 
 def bench_overhead_models(mode: str, tmp: Path, quick: bool) -> None:
-    from calib.studies.kinds import overhead_models as om
+    import optuna
 
-    path = study_file("overhead-models", mode)
+    from calib.estimators.roofline import RooflineRegressor
+
+    path = REPO / "studies" / "overhead-models.yaml"
     if quick:
         data = yaml.safe_load(path.read_text())
         data["models"] = [{"overhead": "per_layer", "n_trials": 10}, {"overhead": "per_layer_tp_power"}]
-        data["sampler"] = {**data.get("sampler", {}), "n_trials": 10, "n_startup_trials": 5}
-        data["all_splits"] = {**data.get("all_splits", {}), "pool_size": 16}
+        data["search"] = {**data.get("search", {}), "n_trials": 10}
         path = tmp / "overhead-models-quick.yaml"
         path.write_text(yaml.safe_dump(data))
-    print(f"\n2. overhead models, nested CV ({path.name})")
+    print(f"\n2. overhead models, nested CV ({path.name}, {mode} mode)")
     stats = {"n": 0, "wall": 0.0}
-    real = om._search_eval
+    real = RooflineRegressor.predict_all
 
-    def timed(X, params):
+    def timed(self, X):
         t = time.perf_counter()
         try:
-            return real(X, params)
+            return real(self, X)
         finally:
             stats["wall"] += time.perf_counter() - t
             stats["n"] += 1
 
-    om._search_eval = timed
+    RooflineRegressor.predict_all = timed
     clear_cache()
     try:
         with Timer() as total:
-            r = run_study(path, tmp / "om", progress=False, report=False)
+            r = run_study(path, tmp / "om", mode=mode, progress=False, report=False)
     finally:
-        om._search_eval = real
-    trials = sum(s["trials"] for s in r["settings"]["samplers"] if s["sampler"].startswith("TPE"))
-    pool = sum(s["trials"] for s in r["settings"]["samplers"] if not s["sampler"].startswith("TPE"))
-    print(f"   total (all models, both schemes):        {total}   [target < 10 min]")
-    print(f"   TPE trials: {trials} ({stats['n']} replayed, {trials - stats['n']} repeated points answered from "
-          f"memory); pool candidates replayed on all 13: {pool}")
-    if stats["n"]:
-        print(f"   per trial: replay of the train experiments {1e3 * stats['wall'] / stats['n']:7.1f} ms")
-    print("   ranking (held-out TPOT MAPE, leave one family out / all splits):")
-    for e in r["ranking"]:
-        h = e["heldout"]
-        print(f"     {e['model']:45s} " + " / ".join(f"{100 * h[k]['tpot_mape']:5.1f} %" for k in h))
+        RooflineRegressor.predict_all = real
+    url = f"sqlite:///{tmp / 'om' / 'optuna.db'}"
+    studies = optuna.get_all_study_summaries(url)
+    trials = sum(s.n_trials for s in studies)
+    print(f"   total (outer x inner x seeds x candidates): {total}   [target: both modes well under 15 min]")
+    print(f"   Optuna studies: {len(studies)}, trials: {trials}; per trial {1e3 * total.wall / max(trials, 1):6.1f} ms "
+          f"of which predict_all {1e3 * stats['wall'] / max(trials, 1):6.1f} ms ({stats['n']} calls)")
+    sm = r["summary"]
+    fmt = lambda h: f"{100 * h['median']:5.1f} % [{100 * h['min']:.1f}-{100 * h['max']:.1f}]"  # noqa: E731
+    print("   held-out TPOT, mean APE over experiments, median [min-max] over seeds:")
+    for name, c in sm["candidates"].items():
+        print(f"     {name:40s} {fmt(c['heldout']['tpot'])}   (descriptive)")
+    print(f"     {'selected (nested SelectBest)':40s} {fmt(sm['selected']['heldout']['tpot'])}")
 
 
 def bench_storage(tmp: Path, n: int = 30) -> None:
     from optuna.distributions import FloatDistribution
 
-    from calib.studies import search
+    from calib.calibrate import trials as search
     from calib.studies.apematrix import SearchParam, tpe_search
     from calib.studies.storage import open_storage
 

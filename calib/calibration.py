@@ -109,19 +109,11 @@ class Calibration(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        """Read a calibration file; errors are one line naming the file and the key."""
-        import yaml
+        """Read a calibration file (size-limited, UTF-8, no duplicate keys); errors are one line naming the file
+        and the key."""
+        from calib.specs._files import load_yaml
 
-        path = Path(path)
-        try:
-            if path.stat().st_size > MAX_BYTES:
-                raise ConfigError(f"larger than {MAX_BYTES} bytes; not a calibration file", file=path)
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read calibration file ({exc.strerror})", file=path) from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"invalid YAML: {str(exc).splitlines()[0]}", file=path) from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, MAX_BYTES, ConfigError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None) -> "Calibration":

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from calib.errors import CalibError
 
 __all__ = ["build_parser", "main", "version"]
 
-_COMMANDS = ("step", "hg1", "study", "reports", "import_mfu", "import_experiments")
+_COMMANDS = ("step", "hg1", "study", "reports", "import_mfu", "import_experiments", "import_runs", "predict", "capacity",
+             "calibrate")
 
 
 def version() -> str:
@@ -50,32 +52,68 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit status 2), like every other user error."""
+
+    def error(self, message: str):
+        from calib.errors import _one_line
+
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calib", description="Calibrate and validate roofline LLM serving models.")
+    parser = _Parser(prog="calib", description="Calibrate and validate roofline LLM serving models.")
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"calib.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"calib.commands.{name}":
-                continue
-            raise
+    for name in _COMMANDS:  # a listed command that is missing or broken fails loudly here
+        module = importlib.import_module(f"calib.commands.{name}")
+        if not callable(getattr(module, "register", None)):
+            raise RuntimeError(f"command module calib.commands.{name} has no register(subparsers)")
         module.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns its exit status.
+
+    0 success; 2 a user error (one line on stderr); 1 the system refused
+    (disk full, permission: one line); 130 interrupted (Ctrl-C, SIGTERM), with
+    nothing half-written; 141 the reader of the output went away (``| head``),
+    silently, as a shell tool killed by SIGPIPE.
+    """
+    name = "calib"
     try:
-        return int(args.func(args) or 0)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        name = f"calib {args.command}"
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except CalibError as exc:
-        print(f"calib {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"calib {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except OSError as exc:  # not calib's to explain at length: the file and the system's reason
+        from calib.errors import _one_line
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{name}: error: {_one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,10 @@ class _Section(BaseModel):
         return data
 
 
+#: Smallest efficiency, MFU or MFU scale (1 %): a value nearer 0 makes step times overflow, not slow.
+MIN_FRACTION = 0.01
+
+
 def _f(default: Any, doc: str, **constraints: Any) -> Any:
     return Field(default=default, description=doc, **constraints)
 
@@ -90,13 +94,14 @@ class Physics(_Section):
         None, "prefill attention at the bucket length (v2.3) or the actual length (v2.4)")
     mixed_rule: Literal[MIXED_RULES] | None = _f(None, "how a step mixing prefill and decode combines them")
     bw_efficiency: float | None = _f(None, "sustained / peak HBM bandwidth (None: hardware's, v3: 1.0)",
-                                     gt=0, le=1)
-    gemm_mfu_scale: float = _f(1.0, "multiplier on every looked-up GEMM MFU (clipped to 1)", gt=0, le=100)
-    prefill_attention_mfu_scale: float = _f(1.0, "multiplier on the prefill-attention MFU", gt=0, le=100)
-    decode_attention_mfu_scale: float = _f(1.0, "multiplier on the decode-attention MFU", gt=0, le=100)
+                                     ge=MIN_FRACTION, le=1)
+    gemm_mfu_scale: float = _f(1.0, "multiplier on every looked-up GEMM MFU (clipped to 1)", ge=MIN_FRACTION,
+                               le=100)
+    prefill_attention_mfu_scale: float = _f(1.0, "multiplier on the prefill-attention MFU", ge=MIN_FRACTION, le=100)
+    decode_attention_mfu_scale: float = _f(1.0, "multiplier on the decode-attention MFU", ge=MIN_FRACTION, le=100)
     mfu_floor: float = _f(0.0, "lower bound on every MFU after scaling", ge=0, lt=1)
-    mfu_prefill: float = _f(0.45, "constant prefill MFU of the v3 roofline", gt=0, le=1)
-    mfu_decode: float = _f(0.30, "constant decode MFU of the v3 roofline", gt=0, le=1)
+    mfu_prefill: float = _f(0.45, "constant prefill MFU of the v3 roofline", ge=MIN_FRACTION, le=1)
+    mfu_decode: float = _f(0.30, "constant decode MFU of the v3 roofline", ge=MIN_FRACTION, le=1)
 
     def options(self) -> PhysicsOptions:
         """The :class:`~calib.physics.options.PhysicsOptions` these settings describe."""
@@ -104,14 +109,17 @@ class Physics(_Section):
         return PhysicsOptions.for_variant(self.variant, **values)
 
 
+#: Upper limit of an overhead parameter without its own (µs): one second per layer and step is no overhead
+#: any server has, so a larger value is a typo (``1e308`` would make every step time infinite).
+MAX_OVERHEAD_US = 1e6
+
+
 def _overhead_section(cls: type[OverheadModel]) -> type[_Section]:
     """A pydantic section for one overhead model, generated from the model's field metadata."""
     spec: dict[str, Any] = {"model": (Literal[cls.name], Field(default=cls.name, description="overhead model"))}
     for f in dc_fields(cls):
         meta = f.metadata
-        bounds = {"ge": meta.get("low", 0.0)}
-        if meta.get("high") is not None:
-            bounds["le"] = meta["high"]
+        bounds = {"ge": meta.get("low", 0.0), "le": MAX_OVERHEAD_US if meta.get("high") is None else meta["high"]}
         default = f.default if f.default is not MISSING else None
         spec[f.name] = (float, Field(default=default, description=meta.get("doc", ""), **bounds))
     name = f"{cls.__name__}Settings"

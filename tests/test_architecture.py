@@ -136,3 +136,21 @@ def test_study_kinds_do_not_import_each_other():
     assert kinds, "no study kind found"
     bad = sorted(f"{n} -> {m}" for n in kinds for m in graph[n] if m in kinds)
     assert not bad, "study kinds import each other: " + ", ".join(bad)
+
+
+def test_registries_are_complete_and_fail_loudly():
+    """Every study kind has a report; every registered kind, report and command imports and has its entry."""
+    from calib.cli import _COMMANDS, build_parser
+    from calib.errors import StudyError
+    from calib.reporting import REPORTS, write_report
+    from calib.studies.kinds import KINDS
+
+    assert set(REPORTS) == set(KINDS)
+    for kind in KINDS:
+        assert KINDS[kind].KIND == kind and callable(KINDS[kind].run)
+    build_parser()  # imports every command module; a broken one raises
+    assert len(_COMMANDS) == len(set(_COMMANDS))
+    with pytest.raises(StudyError, match="no report"):
+        write_report({"kind": "nope"}, Path("."))
+    with pytest.raises(KeyError):
+        KINDS["nope"]

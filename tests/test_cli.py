@@ -48,7 +48,7 @@ def test_step_accepts_config_path(shared_data, capsys):
     (["--model", "llama-2-7b-hf", "--prefill", "0:-3"], "--prefill"),
     (["--model", "llama-2-7b-hf", "--prefill", "12"], "PI:N"),
     (["--model", "llama-2-7b-hf"], "at least one"),
-    (["--model", "llama-2-7b-hf", "--decode", "5", "--bw-efficiency", "1.5"], "bw_efficiency"),
+    (["--model", "llama-2-7b-hf", "--decode", "5", "--bw-efficiency", "1.5"], "--bw-efficiency: must be <= 1"),
 ])
 def test_step_bad_input_one_line(args, needle):
     proc = run_cli("step", *args)

@@ -82,8 +82,10 @@ def test_round_trips_through_params_mapping_and_pickle():
 @given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.text(max_size=3),
                  st.booleans(), st.none()))
 def test_per_layer_us_accepts_exactly_the_finite_non_negative_numbers(value):
+    from calib.settings import MAX_OVERHEAD_US
+
     ok = (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                            and math.isfinite(value) and value >= 0))
+                            and math.isfinite(value) and 0 <= value <= MAX_OVERHEAD_US))
     try:
         Settings.from_params({"per_layer_us": value})
         accepted = True

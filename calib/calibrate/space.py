@@ -102,7 +102,11 @@ def make_space(space: Mapping[str, Any], base: Settings | None = None) -> dict[s
             raise ConfigError("the overhead model is chosen among candidates (SelectBest), not searched",
                               field=f"space.{key}")
         if isinstance(dim, Mapping):
-            dim = Choice(dim["choices"]) if "choices" in dim else Range(**dim)
+            try:
+                dim = Choice(dim["choices"]) if "choices" in dim else Range(**dim)
+            except TypeError as exc:  # a missing or unknown key
+                raise ConfigError(f"a range needs low and high (optionally log, integer): {exc}",
+                                  field=f"space.{key}") from None
         if not isinstance(dim, (Range, Choice)):
             raise ConfigError(f"must be a Range or a Choice, got {type(dim).__name__}", field=f"space.{key}")
         for value in dim.ends():

@@ -38,16 +38,32 @@ Crashes
     :mod:`calib.studies.storage`).  The loops call
     :func:`optuna.storages.fail_stale_trials`: the trial of a killed worker is
     failed once its heartbeat is ``grace_period`` seconds old and a copy of it
-    is queued and re-run.  Ctrl-C (``KeyboardInterrupt``) or any other
-    exception inside a trial marks it ``FAIL`` and propagates; the next run
-    evaluates it again.  SIGINT and SIGTERM reach a search only in the
+    is queued and re-run.  Two cases are found without waiting for Optuna
+    (:func:`_fail_abandoned`): a ``RUNNING`` trial of a process of this
+    machine that no longer exists (a serial run killed and restarted: its
+    trial is re-run at once, with the parameters it had, so the resumed run
+    gives the trials of an uninterrupted one), and a ``RUNNING`` trial that
+    never recorded its worker (killed between taking the trial and its first
+    heartbeat, which Optuna's database storage would never find stale) once
+    it is ``grace_period`` seconds old.  Ctrl-C (``KeyboardInterrupt``) or any
+    other exception inside a trial marks it ``FAIL`` and propagates; the next
+    run evaluates it again.  SIGINT and SIGTERM reach a search only in the
     objective, in a wait or between trials, never inside Optuna's storage
     code (see :class:`_Signals`).
+
+Lost storage
+    A storage error that may go away (a dropped database connection, a lock
+    timeout, an I/O error on the journal file) is retried with back-off
+    (:data:`RETRY_DELAYS`); a search step is safe to repeat, since it reads
+    its state from the storage.  If the storage is still failing, or the
+    error cannot go away (a damaged database), the search stops with a
+    one-line :class:`~calib.errors.StudyError` naming the (masked) storage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import logging
 import math
@@ -80,13 +96,28 @@ DISCARD_KEY = "calib:discarded"
 MAX_FAILURES_PER_VALUE = 5
 #: This many failed TPE trials in a row in one process stop the search.
 MAX_CONSECUTIVE_FAILURES = 10
+#: Seconds to wait before each retry of a search step after a storage error that may go away (about 30 s).
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 _RECORD: list[dict] | None = None
 
 
 def quiet_optuna() -> None:
-    """Optuna logs warnings only (no line per trial)."""
+    """Optuna logs warnings only (no line per trial), and not the SQL of a storage error calib retries."""
     optuna.logging.set_verbosity(logging.WARNING)
+    root = logging.getLogger("optuna")
+    if not any(isinstance(f, _NoSQLNoise) for f in root.filters):
+        root.addFilter(_NoSQLNoise())
+        for handler in root.handlers:
+            handler.addFilter(_NoSQLNoise())
+
+
+class _NoSQLNoise(logging.Filter):
+    """Drop Optuna's multi-line "Caught an error from sqlalchemy ... Falling back" warnings: calib retries the
+    step and reports a storage that stays broken in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Caught an error from sqlalchemy")
 
 
 def worker_id() -> str:
@@ -177,18 +208,171 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def _grace_period(storage) -> float | None:
+    """Seconds without heartbeat after which a running trial is stale (None: the storage keeps no heartbeat)."""
+    interval = _heartbeat_interval(storage)
+    if not interval:
+        return None
+    grace = getattr(storage, "grace_period", None)  # public attribute of RDBStorage and HeartbeatJournalStorage
+    return float(grace) if grace else 2.0 * interval
+
+
+def _process_gone(who: str) -> bool:
+    """Whether the worker ``host:pid`` ran on this machine and its process no longer exists (or is a zombie).
+
+    The calling process itself counts as gone: a search calls this between
+    trials, when none of its own trials may be running (one left ``RUNNING`` was
+    abandoned, e.g. its ``tell`` failed on a lost connection).
+    """
+    host, _, pid_text = who.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    try:  # a killed child not yet reaped by its parent still answers signal 0
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _fail_abandoned(study: optuna.Study, storage) -> int:
+    """Fail (and queue a copy of) every ``RUNNING`` trial that is certainly abandoned; returns how many.
+
+    * its worker was a process of this machine that is gone (see :func:`_process_gone`): at once;
+    * it never recorded its worker (``calib:worker``; the worker died between taking the trial and its first
+      heartbeat, so the database storage holds no heartbeat for it and would never find it stale): once its
+      start is ``grace_period`` seconds old.
+
+    The copy is queued by the storage's stale-trial callback, as for a trial
+    Optuna finds stale, so it is re-run with the same parameters.
+    """
+    grace = _grace_period(storage)
+    if grace is None:
+        return 0
+    now = datetime.datetime.now()
+    study_id = None
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = t.user_attrs.get(WORKER_KEY)
+        if isinstance(who, str):
+            if not _process_gone(who):
+                continue
+        elif t.datetime_start is None or (now - t.datetime_start).total_seconds() <= grace:
+            continue
+        if study_id is None:
+            study_id = storage.get_study_id_from_name(study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed or finished it first
+        failed += 1
+        _logger.info("trial %s of study %s (worker %s) was abandoned; failed and queued again", t.number,
+                     study.study_name, who or "unknown")
+        callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+    return failed
+
+
 class _StaleCheck:
-    """Call :func:`optuna.storages.fail_stale_trials` now and then at most once per heartbeat interval."""
+    """Fail stale and abandoned trials: now, then at most once per heartbeat interval."""
 
     def __init__(self, study: optuna.Study, storage) -> None:
-        self.study = study
+        self.study, self.storage = study, storage
         self.every = _heartbeat_interval(storage)
         self.last = -math.inf
 
     def __call__(self) -> None:
         if self.every and time.monotonic() - self.last >= self.every:
             _fail_stale(self.study)
+            _fail_abandoned(self.study, self.storage)
             self.last = time.monotonic()
+
+
+class _Retry:
+    """Retry a search step after a storage error that may go away; else stop with a one-line StudyError.
+
+    Errors raised by the objective are not the storage's and pass through
+    untouched (:func:`_objective_call` marks them).
+    """
+
+    def __init__(self, storage, signals: "_Signals | None" = None, stale: "_StaleCheck | None" = None) -> None:
+        self.storage, self.signals, self.stale = storage, signals, stale
+        self.attempt = 0
+        self.first: float | None = None
+
+    def ok(self) -> None:
+        self.attempt, self.first = 0, None
+
+    def failed(self, exc: Exception) -> None:
+        """Called in an ``except`` block: returns after a back-off, or raises."""
+        from calib.studies.storage import is_storage_error, is_transient, storage_error
+
+        if getattr(exc, "_calib_objective", False) or not is_storage_error(exc) and not (
+                isinstance(exc, OSError) and _is_journal(self.storage)):
+            raise exc
+        if not (is_transient(exc) or isinstance(exc, OSError)):
+            raise storage_error(exc, self.storage) from None
+        if self.first is None:
+            self.first = time.monotonic()
+        if self.attempt >= len(RETRY_DELAYS):
+            raise storage_error(exc, self.storage, self.attempt, time.monotonic() - self.first) from None
+        delay = RETRY_DELAYS[self.attempt]
+        self.attempt += 1
+        from calib.studies.storage import error_reason
+
+        _logger.warning("calib: storage %s failed (%s); retry %d of %d in %g s", _label(self.storage),
+                        error_reason(exc, self.storage), self.attempt, len(RETRY_DELAYS), delay)
+        if self.signals is not None:
+            with self.signals.interruptible():
+                time.sleep(delay)
+        else:
+            time.sleep(delay)
+        if self.stale is not None:  # a trial this process held when the storage failed is re-run at once
+            self.stale.last = -math.inf
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried as :meth:`failed` says."""
+        while True:
+            try:
+                out = fn()
+            except Exception as exc:
+                self.failed(exc)
+                continue
+            self.ok()
+            return out
+
+
+def _is_journal(storage) -> bool:
+    return str(getattr(storage, "calib_label", "")).startswith("journal:")
+
+
+def _label(storage) -> str:
+    from calib.studies.storage import storage_label
+
+    return storage_label(storage)
+
+
+def _objective_call(fn: Callable, arg: Any) -> Any:
+    """``fn(arg)``; an exception it raises is marked as the objective's, so no storage retry swallows it."""
+    try:
+        return fn(arg)
+    except Exception as exc:
+        try:
+            exc._calib_objective = True
+        except AttributeError:
+            pass
+        raise
 
 
 def _open_study(name: str, storage, directions: Sequence[str], sampler) -> optuna.Study:
@@ -464,7 +648,7 @@ def _grid_trial(study: optuna.Study, storage, param: str, wanted: list[float],
             return False
         x = trial.suggest_float(param, lo, hi)
         with signals.interruptible():
-            score, attrs = objective(x)
+            score, attrs = _objective_call(objective, x)
         score = float(score)
         if not math.isfinite(score):
             raise StudyError(f"the objective is {score} at {param}={x:g}", field=param)
@@ -510,39 +694,50 @@ def grid_search(study_name: str, storage, param: str, values: Sequence[float],
     wanted = list(dict.fromkeys(float(v) for v in values))
     if not wanted:
         raise StudyError("empty grid", field=param)
-    study = _open_study(study_name, storage, ["minimize"], optuna.samplers.RandomSampler(seed=0))
-    entry = _record({"study": study_name, "sampler": "grid", "seed": None, "trials": len(wanted), "evaluated": 0})
+    retry = _Retry(storage)
+    study = retry.run(lambda: _open_study(study_name, storage, ["minimize"], optuna.samplers.RandomSampler(seed=0)))
+    entry = _record({"study": study_name, "sampler": "grid", "seed": None, "trials": len(wanted), "evaluated": 0,
+                     "complete_at_start": None})
     wanted_set = set(wanted)
     backoff, stale = _Backoff(), _StaleCheck(study, storage)
+
+    def step(signals: _Signals) -> bool:
+        """One pass of the loop; True when every value is complete."""
+        signals.deliver()
+        stale()
+        trials = study.get_trials(deepcopy=False)
+        done = {v for t in trials if t.state == TrialState.COMPLETE and (v := _bound_value(t, param)) in wanted_set}
+        if entry["complete_at_start"] is None:
+            entry["complete_at_start"] = len(done)
+        _set_bar(bar, len(done))
+        if len(done) == len(wanted):
+            return True
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting:  # queue a value nobody holds, just in time
+            free = _free_values(trials, param, wanted)
+            if free:
+                v = _pick(free, trials)
+                failures = sum(1 for t in trials if t.state == TrialState.FAIL and _bound_value(t, param) == v)
+                if failures >= MAX_FAILURES_PER_VALUE:
+                    raise StudyError(f"{param}={v:g} failed {failures} times (see the FAIL trials of study "
+                                     f"{study_name!r})", field=param)
+                study.enqueue_trial({param: v})
+                waiting = True
+        if waiting:
+            if _grid_trial(study, storage, param, wanted, objective, signals):
+                entry["evaluated"] += 1
+            backoff.reset()
+            return False
+        _check_waiting_possible(storage, f"a trial of study {study_name!r}")
+        with signals.interruptible():
+            backoff.wait()
+        return False
+
     with _bar(len(wanted), 0, desc or study_name, progress) as bar, _Signals() as signals:
-        while True:
-            signals.deliver()
-            stale()
-            trials = study.get_trials(deepcopy=False)
-            done = {v for t in trials if t.state == TrialState.COMPLETE and (v := _bound_value(t, param)) in wanted_set}
-            _set_bar(bar, len(done))
-            if len(done) == len(wanted):
-                break
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting:  # queue a value nobody holds, just in time
-                free = _free_values(trials, param, wanted)
-                if free:
-                    v = _pick(free, trials)
-                    failures = sum(1 for t in trials if t.state == TrialState.FAIL and _bound_value(t, param) == v)
-                    if failures >= MAX_FAILURES_PER_VALUE:
-                        raise StudyError(f"{param}={v:g} failed {failures} times (see the FAIL trials of study "
-                                         f"{study_name!r})", field=param)
-                    study.enqueue_trial({param: v})
-                    waiting = True
-            if waiting:
-                if _grid_trial(study, storage, param, wanted, objective, signals):
-                    entry["evaluated"] += 1
-                backoff.reset()
-                continue
-            _check_waiting_possible(storage, f"a trial of study {study_name!r}")
-            with signals.interruptible():
-                backoff.wait()
-    done = completed_grid(study, param)
+        retry.signals, retry.stale = signals, stale
+        while not retry.run(lambda: step(signals)):
+            pass
+    done = retry.run(lambda: completed_grid(study, param))
     return {v: done[v] for v in sorted(done) if v in wanted_set}
 
 
@@ -598,7 +793,7 @@ def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistributio
         study.sampler = _tpe_sampler(_derive_seed(*key), options, algorithm)
         params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
         with signals.interruptible():
-            result, attrs = objective(params)
+            result, attrs = _objective_call(objective, params)
         values = _values(result, len(study.directions))
         if values is None:
             _tell_fail(study, trial, f"objective returned {result!r}")
@@ -678,32 +873,45 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
     if "seed" in options:
         raise StudyError("give the seed as the 'seed' argument", field="sampler_options.seed")
     storage = _as_storage(storage)
-    study = _open_study(study_name, storage, directions, _tpe_sampler(int(seed), options, algorithm))
+    retry = _Retry(storage)
+    study = retry.run(lambda: _open_study(study_name, storage, directions, _tpe_sampler(int(seed), options,
+                                                                                        algorithm)))
     entry = _record({"study": study_name, "sampler": SAMPLERS[algorithm], "seed": int(seed), "trials": n_trials,
-                     "evaluated": 0})
-    backoff, stale, failures = _Backoff(), _StaleCheck(study, storage), 0
+                     "evaluated": 0, "complete_at_start": None})
+    backoff, stale = _Backoff(), _StaleCheck(study, storage)
+    failures = [0]
+
+    def step(signals: _Signals) -> bool:
+        """One pass of the loop; True when ``n_trials`` trials are complete."""
+        signals.deliver()
+        stale()
+        trials = study.get_trials(deepcopy=False)
+        n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+        if entry["complete_at_start"] is None:
+            entry["complete_at_start"] = min(n_complete, n_trials)
+        _set_bar(bar, min(n_complete, n_trials))
+        if n_complete >= n_trials:
+            return True
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and sum(1 for t in trials if t.state in LIVE) >= n_trials:
+            _check_waiting_possible(storage, f"a trial of study {study_name!r}")
+            with signals.interruptible():
+                backoff.wait()
+            return False
+        outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals, algorithm)
+        backoff.reset()
+        if outcome == "complete":
+            entry["evaluated"] += 1
+        failures[0] = failures[0] + 1 if outcome == "failed" else 0
+        if failures[0] >= MAX_CONSECUTIVE_FAILURES:
+            raise StudyError(f"{failures[0]} trials in a row returned a non-finite objective (study "
+                             f"{study_name!r})", field="objective")
+        return False
+
     with _bar(n_trials, 0, desc or study_name, progress) as bar, _Signals() as signals:
-        while True:
-            signals.deliver()
-            stale()
-            trials = study.get_trials(deepcopy=False)
-            n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
-            _set_bar(bar, min(n_complete, n_trials))
-            if n_complete >= n_trials:
-                break
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and sum(1 for t in trials if t.state in LIVE) >= n_trials:
-                _check_waiting_possible(storage, f"a trial of study {study_name!r}")
-                with signals.interruptible():
-                    backoff.wait()
-                continue
-            outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals, algorithm)
-            backoff.reset()
-            if outcome == "complete":
-                entry["evaluated"] += 1
-            failures = failures + 1 if outcome == "failed" else 0
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                raise StudyError(f"{failures} trials in a row returned a non-finite objective (study "
-                                 f"{study_name!r})", field="objective")
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+        retry.signals, retry.stale = signals, stale
+        while not retry.run(lambda: step(signals)):
+            pass
+    complete = retry.run(lambda: sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                                        key=lambda t: t.number))
     return complete[:n_trials]

@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT} in the current folder)"
     )
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite files in --out that an earlier import did not write (default: refuse)")
     parser.set_defaults(func=run)
 
 
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the import; print the files written. Raises DataError on bad input."""
     from calib.data.experiments import import_hg1
 
-    for path in import_hg1(args.source_dir, args.out):
+    for path in import_hg1(args.source_dir, args.out, force=args.force):
         print(f"wrote {path}")
     return 0

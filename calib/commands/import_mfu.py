@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--gpu", required=True, metavar="NAME", help="GPU directory name, any case (e.g. h100)")
     p.add_argument("--out", type=Path, metavar="PATH",
                    help="output file (default: configs/mfu/<gpu>.json in the current folder)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out even if it is not an MFU file calib wrote (default: refuse)")
     p.set_defaults(func=run)
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from calib.specs.mfu import import_bench_data
 
     out = args.out if args.out is not None else DEFAULT_OUT_DIR / f"{args.gpu.lower()}.json"
-    db = import_bench_data(args.bench_dir, args.gpu, out)
+    db = import_bench_data(args.bench_dir, args.gpu, out, force=args.force)
     print(f"{summary(db)} -> {out}")
     return 0
 

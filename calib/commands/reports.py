@@ -30,7 +30,15 @@ def run(args: argparse.Namespace) -> int:
     from calib.studies.runner import run_study
     from calib.studies.spec import load_study_file
 
-    files = sorted(Path(args.studies or study_dir()).glob("*.yaml"))
+    from calib.studies.context import check_out_dir
+
+    check_out_dir(args.out)  # a file or an unwritable place: one line before any study runs
+    folder = Path(args.studies or study_dir())
+    if not folder.is_dir():
+        from calib.errors import CalibError
+
+        raise CalibError("not a folder of study files", file=folder, field="--studies")
+    files = sorted(folder.glob("*.yaml"))
     specs = [(f, load_study_file(f)) for f in files]  # validate all before running any
     if args.only:
         known = {s.name for _, s in specs}
@@ -43,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     for f, spec in specs:
         out = Path(args.out) / spec.name
         if not args.resume:
+            from calib.studies.context import STORAGE_FILES
+
             for folder in [out, *(out / m for m in spec.modes or [])]:
-                for name in ("optuna.db", "optuna.journal"):
+                for name in STORAGE_FILES:  # the storages with SQLite's log and the journal's lock
                     (folder / name).unlink(missing_ok=True)
         print(f"== {spec.name} ({f.name}) -> {out}")
         results = run_study(f, out, progress=not args.no_progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from calib.errors import CalibError
 from calib.physics import PhysicsOptions, StepBatch, StepModel
@@ -36,21 +37,37 @@ def parse_decode(text: str | None) -> list[int]:
     return [_int(x, "--decode PI") for x in text.split(",")]
 
 
-def _int(text: str, field: str) -> int:
+#: Largest token count of one entry (above any model's context; the model's own limit is checked too).
+MAX_TOKENS = 1_000_000_000
+
+
+def _int(text: str, field: str, minimum: int = 0, maximum: int = MAX_TOKENS) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise CalibError(f"expected a whole number, got {text.strip()!r}", field=field) from None
-    if value < 0:
-        raise CalibError(f"must be >= 0, got {value}", field=field)
+        raise CalibError(f"expected a whole number, got {text.strip()[:40]!r}", field=field) from None
+    if value < minimum:
+        raise CalibError(f"must be >= {minimum}, got {value}", field=field)
+    if value > maximum:
+        raise CalibError(f"must be <= {maximum}, got {value}", field=field)
     return value
+
+
+def _setting(name: str, value, flag: str):
+    """A command-line value checked against the range of the settings parameter ``name``."""
+    from calib.settings import Settings
+
+    try:
+        return Settings.from_params({name: value}).get(name)
+    except CalibError as exc:
+        raise CalibError(exc.message, field=flag) from None
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("step", help="time of one step (prefill and/or decode entries)",
                               description="Evaluate the roofline step-time model for one batch.")
     p.add_argument("--model", required=True, help="shipped model name (e.g. llama-2-7b-hf) or path to config.json")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--tp", default="1", help="tensor-parallel degree (default 1); must divide the attention heads")
     p.add_argument("--prefill", help="prefill entries PI:N[,PI:N...] (progress index : new tokens)")
     p.add_argument("--decode", help="decode entries PI[,PI...] (KV length before the token)")
     p.add_argument("--hardware", default="h100", help="hardware name in configs/hardware or a YAML path")
@@ -63,16 +80,26 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calib.specs import load_model
+
     prefill, decode = parse_prefill(args.prefill), parse_decode(args.decode)
     if not prefill and not decode:
         raise CalibError("give at least one --prefill or --decode entry", field="batch")
-    if args.tp < 1:
-        raise CalibError(f"must be >= 1, got {args.tp}", field="--tp")
+    tp = _int(str(args.tp), "--tp", minimum=1, maximum=1_000_000)
+    per_layer_us = _setting("per_layer_us", args.overhead_us, "--overhead-us")
+    if args.bw_efficiency is not None:
+        _setting("bw_efficiency", args.bw_efficiency, "--bw-efficiency")
+    model = load_model(args.model)
+    model.check_tp(tp, field="--tp")
+    for pi, n in prefill:
+        model.check_context(pi + n, field="--prefill")
+    for pi in decode:
+        model.check_context(pi + 1, field="--decode")
     options = PhysicsOptions.for_variant(args.variant, mfu_rule=args.mfu, bw_efficiency=args.bw_efficiency)
-    sm = StepModel.build(args.model, args.tp, hardware=args.hardware, options=options)
+    sm = StepModel.build(model, tp, hardware=args.hardware, options=options)
     batch = StepBatch.single(prefill, decode)
     parts = sm.parts(batch)
-    overhead = sm.per_layer_overhead(args.overhead_us)
+    overhead = sm.per_layer_overhead(per_layer_us)
     step = int(sm.step_us(batch, overhead)[0])
     us = lambda a: round(float(a[0]) * 1e6, 3)  # noqa: E731
     result = {
@@ -92,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         "prefill": [list(e) for e in prefill],
         "decode": decode,
     }
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad or not 0 <= step < 2**53:
+        raise CalibError(f"the step model gives no finite time for this batch ({', '.join(bad) or 'step_us'})",
+                         field="batch")
     if args.json:
         print(json.dumps(result))
         return 0

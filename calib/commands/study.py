@@ -8,6 +8,9 @@ from pathlib import Path
 
 __all__ = ["register"]
 
+#: Most worker processes ``--workers`` starts on one machine.
+MAX_WORKERS = 256
+
 
 def study_path(text: str) -> Path:
     """The study file ``text``; a name that is no file but a shipped study (``hg1``) means the shipped file.
@@ -53,8 +56,9 @@ def register(subparsers) -> None:
     r.add_argument("study", type=study_path,
                    help="study file, e.g. studies/hg1.yaml, or the name of a shipped study (hg1)")
     r.add_argument("--out", help="output folder (default reports/<study name>)")
-    r.add_argument("--storage", help="Optuna storage URL (default: SQLite optuna.db in the output folder, or the "
-                                     "journal file optuna.journal there with --workers > 1)")
+    r.add_argument("--storage", help="Optuna storage URL (default: the CALIB_STORAGE environment variable, which "
+                                     "keeps a password out of ps; else SQLite optuna.db in the output folder, or "
+                                     "the journal file optuna.journal there with --workers > 1)")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     r.add_argument("--mode", choices=("reference", "corrected"),
                    help="run one mode of a study with several (default: every mode, into OUT/<mode>/)")
@@ -81,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
     from calib.studies.spec import load_study_file
     from calib.studies.workers import stop_on_sigterm
 
+    from calib.studies.workers import STORAGE_ENV
+
     if args.workers < 1:
         raise CalibError(f"must be >= 1, got {args.workers}", field="--workers")
+    if args.workers > MAX_WORKERS:
+        raise CalibError(f"must be <= {MAX_WORKERS} (processes on this machine), got {args.workers}",
+                         field="--workers")
     spec = load_study_file(args.study)
     out = Path(args.out) if args.out else Path("reports") / spec.name
+    storage = args.storage or os.environ.get(STORAGE_ENV) or None
     stop_on_sigterm(KeyboardInterrupt)  # `kill PID` stops like Ctrl-C: the running trial is closed, a rerun resumes
-    results = run_study(args.study, out, mode=args.mode, storage=args.storage, progress=not args.no_progress,
+    results = run_study(args.study, out, mode=args.mode, storage=storage, progress=not args.no_progress,
                         workers=args.workers, heartbeat_interval=args.heartbeat_interval,
                         grace_period=args.grace_period)
     print(summary(results))
@@ -99,7 +109,12 @@ def worker(args: argparse.Namespace) -> int:
     from calib.studies.storage import mask_url
     from calib.studies.workers import STORAGE_ENV, WorkerStopped, run_worker, stop_on_sigterm
 
-    url = args.storage or os.environ.get(STORAGE_ENV)
+    url = args.storage or os.environ.get(STORAGE_ENV) or None
+    if not url:
+        from calib.errors import CalibError
+
+        raise CalibError(f"a worker needs the storage URL of the study: set {STORAGE_ENV} (or give --storage)",
+                         field="--storage")
     stop_on_sigterm(WorkerStopped)
     try:
         done = run_worker(args.study, url, progress=not args.no_progress, mode=args.mode,

@@ -12,8 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from calib.errors import DataError
 
 __all__ = [
@@ -31,19 +29,15 @@ __all__ = [
 
 
 def read_text(path: Path) -> str:
-    """Read a UTF-8 text file or raise :class:`DataError`."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", file=path) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, expected a file", file=path) from None
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror or exc}", file=path) from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+    """Read a UTF-8 text file or raise :class:`DataError`.
+
+    The file must be a regular file of at most the data-file limit
+    (:func:`calib.specs._files.data_limit`, 256 MB unless ``CALIB_MAX_DATA_MB``
+    says otherwise) and hold no NUL byte.
+    """
+    from calib.specs._files import read_text as read_limited
+
+    return read_limited(path, None, DataError)
 
 
 def read_json(path: Path) -> Any:
@@ -58,17 +52,11 @@ def read_json(path: Path) -> Any:
 
 
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML (or JSON) file with the safe loader or raise :class:`DataError`."""
-    text = read_text(path)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DataError(f"invalid YAML{where}: {problem}", file=path) from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise DataError(f"invalid YAML value: {exc}", file=path) from None
+    """Parse a YAML (or JSON) file with the safe loader (a key given twice is an error) or raise
+    :class:`DataError` naming the line and column."""
+    from calib.specs._files import parse_yaml
+
+    return parse_yaml(read_text(path), path, DataError)
 
 
 def mapping(value: Any, file: Path | str, field: str) -> dict:

@@ -300,7 +300,62 @@ Written by `calib import-hg1 SOURCE_DIR` from the HG1 study's figures
 """
 
 
-def import_hg1(source_dir: str | Path, out_dir: str | Path) -> list[Path]:
+def _looks_ours(name: str, path: Path) -> bool:
+    """Whether the existing ``path`` is a file ``import_hg1`` wrote (so rewriting it loses nothing of the user's)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if name == "README.md":
+        return head.startswith(_README.splitlines()[0])
+    if name == "workloads.yaml":
+        return head.startswith(f"# {_WORKLOADS_HEADER.splitlines()[0]}")
+    if name == "experiments.csv":
+        return head.splitlines()[:1] == [",".join(EXPERIMENT_COLUMNS)]
+    if name == "request_lengths.json":
+        lines = head.splitlines()
+        return len(lines) > 1 and lines[0] == "{" and lines[1].startswith('"') and lines[1].endswith('": {')
+    return False
+
+
+def check_overwrite(targets: dict[str, Path], force: bool, what: str) -> None:
+    """Refuse (one line) to replace an existing file that ``what`` did not write, unless ``force``."""
+    if force:
+        return
+    for name, path in targets.items():
+        if path.is_symlink() or (path.exists() and not (path.is_file() and _looks_ours(name, path))):
+            raise DataError(f"exists and was not written by {what}; refusing to overwrite it (choose another --out, "
+                            "or give --force)", file=path)
+
+
+def _write_files(texts: dict[str, str], out: Path) -> list[Path]:
+    """Write each file through a temporary file and a rename (a link is replaced, never written through)."""
+    import os
+    import tempfile
+
+    written = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        for name, text in texts.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                    fh.write(text)
+                os.chmod(tmp, 0o666 & ~mask)
+                os.replace(tmp, out / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            written.append(out / name)
+    except OSError as exc:
+        raise DataError(f"cannot write: {exc.strerror or exc}", file=out) from None
+    return written
+
+
+def import_hg1(source_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> list[Path]:
     """Write calib's compact HG1 dataset from the study's files.
 
     Reads ``experiments.csv``, ``workloads.yaml`` and
@@ -315,6 +370,10 @@ def import_hg1(source_dir: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir : str or Path
         Output folder (``configs/datasets/hg1`` of the source tree updates
         the embedded dataset).
+    force : bool
+        Overwrite files of ``out_dir`` that an earlier import did not write
+        (by default such a file is an error, so that ``--out`` naming the
+        wrong folder destroys nothing).
 
     Returns
     -------
@@ -324,7 +383,8 @@ def import_hg1(source_dir: str | Path, out_dir: str | Path) -> list[Path]:
     Raises
     ------
     DataError
-        Any source file is missing or invalid.
+        Any source file is missing or invalid, or an output file exists that
+        an import did not write (without ``force``).
 
     Examples
     --------
@@ -346,13 +406,8 @@ def import_hg1(source_dir: str | Path, out_dir: str | Path) -> list[Path]:
         "request_lengths.json": _lengths_json(lengths),
         "README.md": _README,
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, text in texts.items():
-            (out / name).write_text(text, encoding="utf-8", newline="\n")
-            written.append(out / name)
-    except OSError as exc:
-        raise DataError(f"cannot write: {exc.strerror or exc}", file=out) from None
-    return written
+    if out.exists() and not out.is_dir():
+        raise DataError("is a file, not a folder", file=out, field="--out")
+    check_overwrite({name: out / name for name in texts}, force, "calib import-hg1")
+    return _write_files(texts, out)
 

@@ -21,7 +21,11 @@ from calib.data._io import as_int, mapping, read_json, sequence
 from calib.data.workloads import EMBEDDED_HG1, Workload
 from calib.errors import DataError
 
-__all__ = ["reference_lengths", "sample_lengths", "parse_lengths", "available_seeds"]
+__all__ = ["reference_lengths", "sample_lengths", "parse_lengths", "available_seeds", "dataset_lengths_file",
+           "LENGTHS_FILES", "file_stamp"]
+
+#: File names of a dataset folder's reference draws: calib's own, then the HG1 study's original.
+LENGTHS_FILES = ("request_lengths.json", "reference_request_lengths.json")
 
 
 def parse_lengths(
@@ -77,19 +81,91 @@ def parse_lengths(
 
 
 @lru_cache(maxsize=8)
-def _load(path: str, mtime_ns: int) -> dict[int, dict[str, list[list[int]]]]:
+def _load(path: str, stamp: tuple) -> dict[int, dict[str, list[list[int]]]]:
     return parse_lengths(read_json(Path(path)), path)
+
+
+def file_stamp(path: str | Path) -> tuple:
+    """What identifies a file's contents cheaply: device, inode, size and modification time (ns).
+
+    A file rewritten in place or replaced by a rename gets a new stamp, so caches keyed by it are never stale.
+    """
+    try:
+        st = Path(path).stat()
+    except OSError:
+        raise DataError("file not found", file=path) from None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _table(path: str | Path | None) -> tuple[Path, dict[int, dict[str, list[list[int]]]]]:
     file = Path(path) if path is not None else EMBEDDED_HG1 / "request_lengths.json"
     if file.is_dir():
-        file = file / "request_lengths.json"
+        file = next((file / n for n in LENGTHS_FILES if (file / n).is_file()), file / LENGTHS_FILES[0])
+    return file, _load(str(file), file_stamp(file))
+
+
+_EMBEDDED_SOURCE = "configs/datasets/hg1/experiments.csv"
+
+
+def dataset_lengths_file(source: str | None, workload: str, figures: dict[str, Any] | None = None) -> Path | None:
+    """The reference draws an experiment of ``source`` (its ``source`` column) is replayed with.
+
+    ``None`` means the embedded HG1 draws.  A dataset folder's own
+    ``request_lengths.json`` (or the HG1 study's ``reference_request_lengths.json``)
+    wins.  A folder without one may use the embedded draws only for a workload
+    that the embedded dataset defines with the same figures (``figures``: the
+    experiment's workload columns), since draws belong to a distribution;
+    otherwise the experiment has no reference draws and that is an error, not a
+    silent replay of other requests.
+
+    Raises
+    ------
+    DataError
+        No reference draws exist for the workload of this dataset.
+    """
+    if not source or source == _EMBEDDED_SOURCE:
+        return None
+    path = Path(source)
+    folder = path.parent if path.suffix else path
     try:
-        mtime = file.stat().st_mtime_ns
+        stamp = folder.stat().st_mtime_ns  # a draws file added or removed changes the folder's time
     except OSError:
-        raise DataError("file not found", file=file) from None
-    return file, _load(str(file), mtime)
+        stamp = None
+    key = tuple(sorted((k, str(v)) for k, v in (figures or {}).items())) if figures is not None else None
+    found = _resolve(str(folder), stamp, workload, key)
+    if isinstance(found, DataError):  # a fresh exception each time (the cached one keeps no traceback)
+        raise DataError(found.message, file=found.file, field=found.field)
+    return found
+
+
+@lru_cache(maxsize=4096)
+def _resolve(folder_text: str, stamp, workload: str, figures: tuple | None) -> Path | None | DataError:
+    folder = Path(folder_text)
+    try:
+        if folder.resolve() == EMBEDDED_HG1.resolve():
+            return None
+    except OSError:
+        pass
+    for name in LENGTHS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    if figures is not None:
+        from calib.data.workloads import load_workloads
+
+        embedded = load_workloads().get(workload)
+        wanted = dict(figures)
+        if embedded is not None and all(_same(wanted.get(k), v) for k, v in embedded.as_columns().items()):
+            return None
+    return DataError(f"no reference request lengths for workload {workload!r}: the folder has no "
+                     f"{LENGTHS_FILES[0]} and the embedded draws are of another workload; add the draws, or "
+                     "replay with lengths: numpy", file=folder, field="lengths")
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def available_seeds(path: str | Path | None = None) -> list[int]:

@@ -192,6 +192,13 @@ def assemble_trace(
     if output_rule not in OUTPUT_RULES:
         _bad_rule(output_rule)
     recorded = np.asarray(output_recorded, dtype=np.int64)
+    kv_blocks, block_size = meta.get("kv_blocks"), meta.get("block_size")
+    if kv_blocks and block_size and len(recorded):
+        shortest = int(np.min(np.asarray(input_tokens, dtype=np.int64) + np.maximum(recorded, output_len or 0)))
+        if kv_blocks * block_size < shortest:  # one request that does not fit is a counted rejection; none fitting
+            raise DataError(f"{kv_blocks} KV blocks of {block_size} tokens ({kv_blocks * block_size} tokens) cannot "
+                            f"hold even the shortest request ({shortest} tokens): the server could not have run "
+                            "this trace", file=file, field="kv_blocks_total_gpu")
     if output_len is None:
         if output_rule != "recorded":
             raise DataError(f"rule {output_rule!r} needs the profile's output length", file=file, field="output_len")

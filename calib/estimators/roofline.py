@@ -212,10 +212,29 @@ def _check_frame(X) -> pd.DataFrame:
     return X
 
 
+_WORKLOAD_COLS = ("n_requests", "seed", "prefix_tokens", "prompt_mean", "prompt_stdev", "prompt_min", "prompt_max",
+                  "output_mean", "output_stdev", "output_min", "output_max")
+
+
+def _lengths_file(row: pd.Series):
+    """The reference-draws file of this experiment's dataset (None: the embedded draws)."""
+    from calib.data.lengths import dataset_lengths_file
+
+    source = row.get("source")
+    return dataset_lengths_file(None if source is None else str(source), str(row["workload"]),
+                                {c: row.get(c) for c in _WORKLOAD_COLS})
+
+
 def _row_key(row: pd.Series, lengths: str, seed: int) -> tuple:
     cols = ("model", "tp", "workload", "rate", "n_requests", "prefix_tokens", "prompt_mean", "prompt_stdev",
             "prompt_min", "prompt_max", "output_mean", "output_stdev", "output_min", "output_max", "source")
-    return tuple(str(row.get(c)) for c in cols) + (lengths, int(seed))
+    key = tuple(str(row.get(c)) for c in cols) + (lengths, int(seed))
+    if lengths == "reference":  # the draws file's identity: an edited file is never replayed from a cache
+        from calib.data.lengths import file_stamp
+
+        file = _lengths_file(row)
+        key += (None,) if file is None else (str(file), file_stamp(file))
+    return key
 
 
 def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
@@ -224,7 +243,13 @@ def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
     n = int(row["n_requests"])
     prefix = int(row["prefix_tokens"])
     if lengths == "reference":
-        arr = reference_lengths(str(row["workload"]), int(seed))[:n]
+        file = _lengths_file(row)
+        arr = reference_lengths(str(row["workload"]), int(seed), path=file)
+        if len(arr) < n:
+            raise DataError(f"{len(arr)} reference draws for workload {row['workload']!r} at seed {seed}, the "
+                            f"experiment has {n} requests", file=file or "configs/datasets/hg1/request_lengths.json",
+                            field="lengths")
+        arr = arr[:n]
     elif lengths == "numpy":
         workloads = load_workloads()
         wl = workloads.get(str(row["workload"]))

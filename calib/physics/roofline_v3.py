@@ -83,8 +83,8 @@ from calib.physics.roofline import StepParts
 from calib.specs.hardware import HardwareSpec
 from calib.specs.model import ModelSpec
 
-__all__ = ["hardware_time_v3", "moe_layer_counts", "effective_experts", "flops_v3", "weight_bytes_v3",
-           "dynamic_bytes_v3", "peak_flops_v3"]
+__all__ = ["hardware_time_v3", "moe_layer_counts", "effective_experts", "flops_v3", "decode_flops_terms",
+           "weight_bytes_v3", "dynamic_bytes_v3", "peak_flops_v3"]
 
 
 def moe_layer_counts(model: ModelSpec) -> tuple[int, int]:
@@ -160,6 +160,28 @@ def flops_v3(model: ModelSpec, pi, n) -> np.ndarray:
     active_width, _, _ = _mlp_widths(model)
     mlp = 2.0 * n * 2.0 * d * active_width  # already summed over layers
     return L * (attn_proj + attn_core + vector) + mlp
+
+
+def decode_flops_terms(model: ModelSpec) -> tuple[int, int]:
+    """``(F0, F1)`` with ``F(PI, 1) = F0 + F1 PI``: the FLOPs of a decode entry are affine in its context.
+
+    Exact integers (every term of :func:`flops_v3` is a whole number for ``n = 1``), so the
+    FLOPs of ``q`` decode entries of summed context ``S`` are exactly ``q F0 + F1 S``: a
+    decode-only v3 step depends on its entries only through ``(q, Σ PI)``.
+
+    Examples
+    --------
+    >>> from calib.specs import load_model
+    >>> m = load_model("mixtral-8x7b-v0.1")
+    >>> f0, f1 = decode_flops_terms(m)
+    >>> float(f0 + f1 * 1000) == float(flops_v3(m, [1000], [1])[0])
+    True
+    """
+    L, d, nH, dh, dkv = model.num_layers, model.hidden_size, model.num_heads, model.head_dim, model.kv_dim
+    active, _, _ = _mlp_widths(model)
+    f0 = L * (2 * (d * d + 2 * d * dkv) + 2 * d * d + 2 * d) + 4 * d * int(active)
+    f1 = L * (4 * nH * dh + 5 * nH)
+    return f0, f1
 
 
 def weight_bytes_v3(model: ModelSpec, tokens) -> np.ndarray:

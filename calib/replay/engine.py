@@ -25,11 +25,14 @@ caps its length (``EngineResult.hit_step_cap``).
 
 Two implementations of the same scheduler:
 
-* the default one keeps the decoding requests as an aggregate (count, max and
-  sum of contexts, KV-block phase counts, heaps of finishing ticks), so a step
-  costs O(changes) rather than O(running), and evaluates runs of pure-decode
-  steps between two events (an admissible arrival, a completion, KV exhaustion)
-  in one go with the cached step times of :class:`calib.physics.fast.FastSteps`;
+* the default one keeps the decoding requests as an aggregate (count and sum
+  of contexts, KV-block phase counts, a heap of finishing ticks, and what the
+  step model's decode time depends on: the max context for v2.3, the per-piece
+  context sums of a :class:`calib.physics.fast.ContextSet` for v2.4, nothing
+  more for v3), so a step costs O(changes) rather than O(running), and times
+  runs of pure-decode steps between two events (an admissible arrival, a
+  completion, KV exhaustion) from those statistics with
+  :class:`calib.physics.fast.FastSteps`, for every variant;
 * ``run_engine(..., fast=False)`` is a straightforward step-by-step loop over
   explicit per-request state (the reference the fast one is tested against;
   with ``StepTimer(..., fast=False)`` it also times every step with a plain
@@ -49,16 +52,12 @@ import numpy as np
 
 from calib.errors import ConfigError
 from calib.physics.batch import StepBatch
-from calib.physics.fast import round_half_away_scalar
+from calib.physics.fast import SCALAR_RUN, round_half_away_scalar
 from calib.physics.overhead import OverheadModel
 from calib.physics.roofline import round_half_away
 from calib.physics.step_model import StepModel
 
 __all__ = ["SchedulerConfig", "EngineResult", "StepTimer", "run_engine"]
-
-#: Decode runs up to this many steps are timed step by step in Python; longer ones with NumPy.
-_SCALAR_RUN = 12
-
 
 def _round_pos(x: float) -> int:
     """``round_half_away`` for ``x >= 0``."""
@@ -118,6 +117,28 @@ class SchedulerConfig:
             raise ConfigError("choose 'zero' or 'cached'", field="cached_prefill_pi")
 
 
+#: Overhead memos shared by the timers of equal overhead models: (overhead, L, TP) -> {features: µs}.
+_OVERHEAD_MEMOS: dict[tuple, dict] = {}
+_MEMO_MODELS_MAX = 256
+_MEMO_ENTRIES_MAX = 1 << 20
+#: Decode counts whose overhead one memo miss computes together (one vectorised call).
+_OVH_BLOCK = 64
+
+
+def _overhead_memo(overhead, num_layers: int, tp: int) -> dict:
+    """The memo of ``overhead``'s step µs by features, shared by equal (hashable) overhead models."""
+    key = (overhead, num_layers, tp)
+    try:
+        memo = _OVERHEAD_MEMOS.get(key)
+    except TypeError:  # an unhashable overhead model: a private memo
+        return {}
+    if memo is None or len(memo) > _MEMO_ENTRIES_MAX:
+        if len(_OVERHEAD_MEMOS) >= _MEMO_MODELS_MAX:
+            _OVERHEAD_MEMOS.clear()
+        memo = _OVERHEAD_MEMOS[key] = {}
+    return memo
+
+
 def _features(n_prefill, prefill_tokens, n_decode) -> dict:
     return {"n_prefill": np.asarray(n_prefill), "prefill_tokens": np.asarray(prefill_tokens),
             "n_decode": np.asarray(n_decode)}
@@ -130,53 +151,57 @@ class StepTimer:
     whose caches belong to the step model and so are shared by every timer,
     replay and overhead value of that step model.  The overhead of a step
     depends only on its features ``(n_prefill, prefill_tokens, n_decode)``
-    (overhead models are elementwise in them); it is memoised per timer.
+    (overhead models are elementwise in them); it is memoised, and the memo is
+    shared by the timers of equal overhead models (they are frozen dataclasses,
+    equal by value).
 
     The engine uses ``step_hw_us``, ``step_us``, ``decode_run_us`` and
-    ``run_us`` (and, when ``aggregate`` is true, ``steps``, ``overhead_us`` and
-    ``solo_table``); a test double needs only the first four and
-    ``aggregate = False``.
+    ``run_us`` (and, when ``aggregate`` is true, ``steps``, ``overhead_us``,
+    ``decode_overhead_us`` and ``solo_table``); a test double needs only the
+    first four and ``aggregate = False``.
 
     Parameters
     ----------
     step_model : StepModel
     overhead : OverheadModel or None
         ``None``: no overhead.
-    memo : dict, optional
-        Ignored (the step-time caches live in ``step_model.fast``); still
-        accepted because :class:`calib.replay.synchronous.SyncReplay` passes it.
     fast : bool
         ``False`` times every step with a plain ``step_model.parts`` call (the
         straightforward reference, no caches; slow).
     """
 
-    def __init__(self, step_model: StepModel, overhead: OverheadModel | None, memo: dict | None = None, *,
-                 fast: bool = True):
+    def __init__(self, step_model: StepModel, overhead: OverheadModel | None, *, fast: bool = True):
         self.step_model = step_model
         self.overhead = overhead
         self.fast = bool(fast)
         self.steps = step_model.fast
-        self._ovh: dict[tuple[int, int, int], float] = {}
+        self._L, self._tp = step_model.model.num_layers, step_model.tp
+        self._ovh: dict[tuple[int, int, int], float] = (
+            _overhead_memo(overhead, self._L, self._tp) if overhead is not None else {})
+        self._dec_ovh: list[float] = []  # overhead of a decode-only step, by decode count (index 0 unused)
         self._solo: tuple[np.ndarray, np.ndarray] | None = None
         floor = step_model.options.min_step_us
         self._floor = int(math.ceil(floor)) if floor > 0 else None
-        self._L, self._tp = step_model.model.num_layers, step_model.tp
 
     # ---- hardware time ----------------------------------------------------------------------
 
     @property
     def aggregate(self) -> bool:
-        """Decode-only steps depend only on ``(q, max PI, sum PI)`` (and the fast path is on)."""
+        """Decode-only steps depend only on the statistics of ``steps.kind`` (and the fast path is on).
+
+        See :mod:`calib.physics.fast`: ``(q, max PI, Σ PI)``, ``(q, Σ PI, Σ f m)`` or ``(q, Σ PI)``.
+        """
         return self.fast and self.steps.aggregate
 
     def hardware_us(self, batch: StepBatch) -> np.ndarray:
         """Hardware µs of every step of ``batch`` (one plain ``StepModel.parts`` call)."""
         return self.step_model.parts(batch).hardware_s * 1e6
 
-    def step_hw_us(self, p_pi, p_n, q: int = 0, max_pi: int = 0, sum_pi: int = 0, d_pis=None) -> float:
+    def step_hw_us(self, p_pi, p_n, q: int = 0, max_pi: int = 0, sum_pi: int = 0, d_pis=None,
+                   fm_sum: float | None = None) -> float:
         """Hardware µs of one step (see :meth:`calib.physics.fast.FastSteps.step_hw_us`)."""
         if self.fast:
-            return self.steps.step_hw_us(p_pi, p_n, q, max_pi, sum_pi, d_pis)
+            return self.steps.step_hw_us(p_pi, p_n, q, max_pi, sum_pi, d_pis, fm_sum)
         d_pis = [] if d_pis is None else list(d_pis)
         batch = StepBatch.from_arrays(1, prefill_step=[0] * len(p_pi), prefill_pi=p_pi, prefill_n=p_n,
                                       decode_step=[0] * len(d_pis), decode_pi=d_pis)
@@ -198,8 +223,8 @@ class StepTimer:
     def overhead_us(self, n_prefill: int, prefill_tokens: int, n_decode: int) -> float:
         """Overhead µs of a (non-empty) step with these features (memoised).
 
-        A miss computes, in one vectorised call, the overhead of a block of 16
-        decode counts with the same prefill features.
+        A miss computes, in one vectorised call, the overhead of a block of
+        ``_OVH_BLOCK`` decode counts with the same prefill features.
         """
         key = (n_prefill, prefill_tokens, n_decode)
         v = self._ovh.get(key)
@@ -207,8 +232,9 @@ class StepTimer:
             if self.overhead is None:
                 v = self._ovh[key] = 0.0
             else:
-                qs = np.arange(n_decode // 16 * 16, n_decode // 16 * 16 + 16)
-                if n_prefill == 0 and n_decode < 16:
+                lo = n_decode // _OVH_BLOCK * _OVH_BLOCK
+                qs = np.arange(lo, lo + _OVH_BLOCK)
+                if n_prefill == 0 and lo == 0:
                     qs = qs[1:]  # empty steps have no overhead
                 vals = self.overhead.step_us(_features(np.full(len(qs), n_prefill), np.full(len(qs), prefill_tokens),
                                                        qs), self._L, self._tp)
@@ -216,6 +242,13 @@ class StepTimer:
                 self._ovh.update(((n_prefill, prefill_tokens, qq), vv) for qq, vv in zip(qs.tolist(), vals))
                 v = self._ovh[key]
         return v
+
+    def decode_overhead_us(self, n_decode: int) -> float:
+        """``overhead_us(0, 0, n_decode)``, also kept in a list by decode count for the engine's inner loop."""
+        lst = self._dec_ovh
+        if n_decode >= len(lst):
+            lst.extend(self.overhead_us(0, 0, q) if q else 0.0 for q in range(len(lst), n_decode + 1))
+        return lst[n_decode]
 
     def step_us(self, hw_us: float, n_prefill: int, prefill_tokens: int, n_decode: int) -> int:
         """Integer µs of one non-empty step: hardware + overhead, rounded half away from zero, floored."""
@@ -226,7 +259,7 @@ class StepTimer:
 
     def run_us(self, hw_us: np.ndarray, n_decode: int) -> np.ndarray:
         """Integer µs of pure-decode steps of ``n_decode`` requests."""
-        x = hw_us + self.overhead_us(0, 0, n_decode)
+        x = hw_us + self.decode_overhead_us(n_decode)
         out = np.floor(x + 0.5).astype(np.int64) if x.size and x.min() >= 0 else round_half_away(x)
         if self._floor is not None:
             out = np.maximum(out, self._floor)
@@ -556,11 +589,14 @@ class _FastEngine(_Engine):
     counter of steps in which every decoding request decodes).  It needs a new
     KV block at tick ``D`` iff ``(c_r + D) % block_size == 0`` and does its last
     decode at tick ``F_r = out + inp - 2 - c_r``.  The aggregate keeps
-    ``count``, ``Σ c``, a max-heap of ``c``, a min-heap of ``F`` (both with lazy
-    deletion) and the number of requests per block phase ``c % block_size``.
-    Explicit ``generated``/``held`` of decoding requests are stale while they
-    are in the aggregate.  At most one running request is mid-prefill at a time,
-    and it is the last admitted one (admission stops when a chunk uses up the
+    ``count``, ``Σ c``, a min-heap of ``F`` (with lazy deletion), the number of
+    requests per block phase ``c % block_size`` and what the step model's
+    decode statistics need (``timer.steps.kind``, :mod:`calib.physics.fast`):
+    a max-heap of ``c`` for ``max_context``, a
+    :class:`~calib.physics.fast.ContextSet` for ``per_request``.  Explicit
+    ``generated``/``held`` of decoding requests are stale while they are in the
+    aggregate.  At most one running request is mid-prefill at a time, and it
+    is the last admitted one (admission stops when a chunk uses up the
     budget); steps that break that shape or starve decodes of budget
     (``running > max_scheduled_tokens``) go through the explicit step.
     """
@@ -575,13 +611,26 @@ class _FastEngine(_Engine):
         self.phase = [0] * self.bs
         self.fin_heap: list[tuple[int, int]] = []
         self.max_heap: list[tuple[int, int]] = []
-        n, first = self.n, self.first
-        self.aggregate = bool(getattr(self.timer, "aggregate", False))
-        steps = getattr(self.timer, "steps", None)
-        q_max = min(self.cfg.max_running, max(n - first, 1))
-        if first < n and getattr(steps, "scalar", False):
+        self.max_cache: int | None = None     # max c when known (None: ask the heap)
+        self.last_tick = [0] * self.n        # F_r of a decoding request
+        n, first, cfg = self.n, self.first, self.cfg
+        self.B, self.max_running, self.max_steps = cfg.max_scheduled_tokens, cfg.max_running, cfg.max_steps
+        timer = self.timer
+        self.aggregate = bool(getattr(timer, "aggregate", False))
+        steps = timer.steps if self.aggregate else None
+        self.need_max = self.aggregate and steps.needs_max
+        self.ctx = steps.contexts() if self.aggregate else None
+        # hardware µs of a step from its prefill entries and decode statistics (or explicit decode PIs)
+        self.step_hw = steps.step_stats_hw_us if self.aggregate else timer.step_hw_us
+        self.hw_us = steps.decode_hw_us if self.aggregate else None
+        self.floor = getattr(timer, "_floor", None)
+        self.phantom = cfg.phantom_last_step
+        self.zero_pi = cfg.cached_prefill_pi == "zero"
+        self.cacheable = [p // self.bs * self.bs for p in self.pre] if cfg.prefix_cache else None
+        if first < n and self.aggregate:
+            q_max = min(cfg.max_running, max(n - first, 1))
             kv_max = max(a + b for a, b in zip(self.inp[first:], self.out[first:]))
-            steps.reserve(q_max, kv_max, self.cfg.max_scheduled_tokens + q_max)
+            steps.reserve(q_max, kv_max, cfg.max_scheduled_tokens + q_max)
 
     # ---- aggregate bookkeeping ---------------------------------------------------------------
 
@@ -592,50 +641,80 @@ class _FastEngine(_Engine):
         self.dec_c[r] = c
         self.sum_c += c
         self.phase[c % self.bs] += 1
-        heapq.heappush(self.fin_heap, (self.out[r] + self.inp[r] - 2 - c, r))
-        heapq.heappush(self.max_heap, (-c, r))
+        f = self.last_tick[r] = self.out[r] + self.inp[r] - 2 - c
+        heapq.heappush(self.fin_heap, (f, r))
+        if self.need_max:
+            heapq.heappush(self.max_heap, (-c, r))
+            m = self.max_cache
+            if m is not None and c > m:
+                self.max_cache = c
+        if self.ctx is not None:
+            self.ctx.add(r, c, self.D, f)
 
     def dec_remove(self, r: int) -> int:
         c = self.dec_c.pop(r)
         self.sum_c -= c
         self.phase[c % self.bs] -= 1
+        if c == self.max_cache:
+            self.max_cache = None
+        if self.ctx is not None:
+            self.ctx.remove(r)
         return c
 
     def max_c(self) -> int:
-        h, dec_c = self.max_heap, self.dec_c
-        while dec_c.get(h[0][1]) != -h[0][0]:
-            heapq.heappop(h)
-        return -h[0][0]
+        m = self.max_cache
+        if m is None:
+            h, dec_c = self.max_heap, self.dec_c
+            while dec_c.get(h[0][1]) != -h[0][0]:
+                heapq.heappop(h)
+            m = self.max_cache = -h[0][0]
+        return m
 
     def min_fin(self) -> int:
-        h, dec_c, out, inp = self.fin_heap, self.dec_c, self.out, self.inp
+        """The first last tick ``F`` of the decoding requests (stale heap entries are dropped)."""
+        h, dec_c, last_tick = self.fin_heap, self.dec_c, self.last_tick
         while True:
             f, r = h[0]
-            c = dec_c.get(r)
-            if c is not None and out[r] + inp[r] - 2 - c == f:
+            if r in dec_c and last_tick[r] == f:
                 return f
             heapq.heappop(h)
 
     def finish_decoders(self, dur: int) -> None:
-        """Finish every decoding request whose last tick was ``D - 1``."""
+        """Finish every decoding request whose last tick was ``D - 1`` (stale heap entries are dropped)."""
         h = self.fin_heap
-        last_tick = self.D - 1
-        while self.dec_c and self.min_fin() <= last_tick:
-            _, r = heapq.heappop(h)
-            c = self.dec_remove(r)
+        D = self.D
+        if not h or h[0][0] >= D:  # every entry, stale or not, is later
+            return
+        dec_c, last_tick, bs, phase = self.dec_c, self.last_tick, self.bs, self.phase
+        freed = 0
+        while h and h[0][0] < D:
+            f, r = heapq.heappop(h)
+            if r not in dec_c or last_tick[r] != f:
+                continue
+            if self.ctx is None:  # dec_remove, inlined
+                c = dec_c.pop(r)
+                self.sum_c -= c
+                phase[c % bs] -= 1
+                if c == self.max_cache:
+                    self.max_cache = None
+            else:
+                c = self.dec_remove(r)
             self.last[r] = dur
-            self.set_e2e(r)
-            self.free += self.blocks_for(c + self.D)
+            self.e2e[r] = self.t - self.arrival[r] + (dur if self.phantom and self.out[r] > 1 else 0)
+            freed += -(-(c + D) // bs)
             del self.run_order[r]
+        self.free += freed
 
     def new_blocks(self, k: int) -> int:
         """KV blocks the decoding requests newly need over the next ``k`` ticks."""
         bs, D = self.bs, self.D
-        if len(self.dec_c) <= 8:
-            return sum((c + D + k + bs - 1) // bs - (c + D + bs - 1) // bs for c in self.dec_c.values())
         cycles, rem = divmod(k, bs)
-        ph, phase = (-D) % bs, self.phase
-        return cycles * len(self.dec_c) + sum(phase[(ph - j) % bs] for j in range(rem))
+        total = cycles * len(self.dec_c)
+        if rem:  # phases ph, ph - 1, ..., ph - rem + 1 (mod bs)
+            ph, phase = (-D) % bs, self.phase
+            lo = ph - rem + 1
+            total += sum(phase[lo : ph + 1]) if lo >= 0 else sum(phase[: ph + 1]) + sum(phase[bs + lo :])
+        return total
 
     def d_pis(self) -> list[int]:
         D = self.D
@@ -652,19 +731,82 @@ class _FastEngine(_Engine):
         self.phase = [0] * self.bs
         self.fin_heap.clear()
         self.max_heap.clear()
+        self.max_cache = None
+        if self.ctx is not None:
+            self.ctx.clear()
 
-    # ---- the step ----------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------
 
-    def step(self) -> None:
-        if not self.pref and self.dec_c and self.decode_run():
-            return
-        B = self.cfg.max_scheduled_tokens
-        q = len(self.dec_c)
-        pref = self.pref
-        if q <= B and (not pref or (len(pref) == 1 and next(reversed(self.run_order)) == pref[0])):
-            self.general_step()
-        else:
+    def run(self) -> tuple[EngineResult, int]:
+        arrival, n, B = self.arrival, self.n, self.B
+        while True:
+            if self.nxt < n and arrival[self.nxt] <= self.t:
+                self.admit_arrivals()
+            if not self.run_order and not self.waiting:
+                if self.nxt >= n or self.stop_when_idle:
+                    break
+                self.t = arrival[self.nxt]
+                continue
+            if self.n_steps >= self.max_steps:
+                self.hit_cap = True
+                break
+            pref = self.pref
+            if not pref:
+                if self.dec_c and self.decode_run():
+                    continue
+                if len(self.dec_c) <= B:
+                    self.general_step()
+                    continue
+            elif len(pref) == 1 and len(self.dec_c) <= B and next(reversed(self.run_order)) == pref[0]:
+                self.general_step()
+                continue
             self.explicit_fallback()
+        return self.result()
+
+    def admit_arrivals(self) -> None:
+        """:meth:`_Engine.admit_arrivals`, inlined."""
+        n, arrival, t, inp, out, bs = self.n, self.arrival, self.t, self.inp, self.out, self.bs
+        kv_blocks, waiting = self.cfg.kv_blocks, self.waiting
+        r = self.nxt
+        while r < n and arrival[r] <= t:
+            if -(-(inp[r] + out[r] - 1) // bs) > kv_blocks:
+                self.rejected[r] = True  # can never fit: rejected, as vLLM does
+            else:
+                waiting.append(r)
+            r += 1
+        self.nxt = r
+
+    def admit_waiting(self, budget: int, entries: list, n_running: int) -> tuple[int, list[int]]:
+        """:meth:`_Engine.admit_waiting` with the prefix-cache lookup inlined."""
+        waiting, target, grp, warm, cacheable = self.waiting, self.target, self.grp, self.warm, self.cacheable
+        bs, zero, start, held, progress = self.bs, self.zero_pi, self.start, self.held, self.progress
+        room = self.max_running - n_running
+        admitted: list[int] = []
+        while waiting and budget > 0 and room > 0:
+            r = waiting[0]
+            g = grp[r]
+            cached = 0
+            if cacheable is not None and g >= 0 and g in warm:
+                cached = min(cacheable[r], target[r] - 1)
+                if cached < 0:
+                    cached = 0
+            chunk = target[r] - cached
+            if chunk > budget:
+                chunk = budget
+            nb = -(-(cached + chunk) // bs)
+            if nb > self.free:
+                break
+            waiting.popleft()
+            admitted.append(r)
+            room -= 1
+            if start[r] != start[r]:  # NaN: first admission
+                start[r] = self.t
+            self.free -= nb
+            held[r] = nb
+            progress[r] = cached
+            entries.append((0 if zero else cached, chunk, r))
+            budget -= chunk
+        return budget, admitted
 
     def explicit_fallback(self) -> None:
         self.materialise()
@@ -696,10 +838,10 @@ class _FastEngine(_Engine):
         self.preempt(r)
 
     def general_step(self) -> None:
-        cfg, bs, D = self.cfg, self.bs, self.D
+        bs, D = self.bs, self.D
         progress, target, held = self.progress, self.target, self.held
         q = len(self.dec_c)
-        budget = cfg.max_scheduled_tokens - q
+        budget = self.B - q
         need_d = self.phase[(-D) % bs] if q else 0
         p = self.pref[0] if self.pref else -1
         preempted = False
@@ -716,11 +858,11 @@ class _FastEngine(_Engine):
                 self.preempt_decoder(r)
             preempted = True
             q = len(self.dec_c)
-            budget = cfg.max_scheduled_tokens - q
+            budget = self.B - q
         entries: list[tuple[int, int, int]] = []
         if p >= 0 and budget > 0:
             chunk = min(target[p] - progress[p], budget)
-            need_p = self.blocks_for(progress[p] + chunk) - held[p]
+            need_p = -(-(progress[p] + chunk) // bs) - held[p]
             if need_p > self.free - need_d:
                 self.preempt_prefiller(p)  # it is the most recently admitted: it preempts itself
                 preempted = True
@@ -730,129 +872,279 @@ class _FastEngine(_Engine):
                 entries.append((progress[p], chunk, p))
                 budget -= chunk
         self.free -= need_d
-        if not preempted:
+        if not preempted and self.waiting and budget > 0:
             budget, admitted = self.admit_waiting(budget, entries, len(self.run_order))
             for r in admitted:
                 self.run_order[r] = None
             self.pref.extend(admitted)
-        if not entries and not q:
+        if len(entries) == 1:
+            e = entries[0]
+            p_pi, p_n, ptoks = [e[0]], [e[1]], e[1]
+        elif entries:
+            p_pi = [e[0] for e in entries]
+            p_n = [e[1] for e in entries]
+            ptoks = sum(p_n)
+        elif q:
+            p_pi = p_n = []
+            ptoks = 0
+        else:
             raise ConfigError("no request can be scheduled: the KV cache is too small for the running set",
                               field="kv_blocks")
-        p_pi = [e[0] for e in entries]
-        p_n = [e[1] for e in entries]
-        if q and self.aggregate:
-            hw = self.timer.step_hw_us(p_pi, p_n, q, self.max_c() + D, self.sum_c + q * D)
+        if not q:
+            hw = self.step_hw(p_pi, p_n)
+        elif self.aggregate:
+            if self.need_max:
+                m = self.max_cache
+                hw = self.step_hw(p_pi, p_n, q, (self.max_c() if m is None else m) + D, self.sum_c + q * D)
+            else:
+                hw = self.step_hw(p_pi, p_n, q, 0, self.sum_c + q * D,
+                                  self.ctx.fm_sum(D) if self.ctx is not None else None)
         else:
-            hw = self.timer.step_hw_us(p_pi, p_n, d_pis=self.d_pis())
-        ptoks = sum(p_n)
-        dur = self.timer.step_us(hw, len(entries), ptoks, q)
+            hw = self.step_hw(p_pi, p_n, d_pis=self.d_pis())
+        timer = self.timer
+        if self.aggregate:  # StepTimer.step_us, inlined
+            ovh = timer._ovh.get((len(entries), ptoks, q))
+            if ovh is None:
+                ovh = timer.overhead_us(len(entries), ptoks, q)
+            x = hw + ovh
+            dur = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
+            if timer._floor is not None and dur < timer._floor:
+                dur = timer._floor
+        else:
+            dur = timer.step_us(hw, len(entries), ptoks, q)
         if self.rec is not None:
             self.record([self.t], [dur], [len(entries) + q], [ptoks], [q])
-        self.t += dur
+        t = self.t = self.t + dur
         self.n_steps += 1
         self.D = D = D + 1
-        generated, out, inp = self.generated, self.out, self.inp
+        generated, out, inp, pref = self.generated, self.out, self.inp, self.pref
         for _, chunk, r in entries:
-            progress[r] += chunk
-            if progress[r] >= target[r]:
-                self.pref.remove(r)
-                if self.grp[r] >= 0:
-                    self.warm.add(self.grp[r])
-                if generated[r] == 0:
-                    self.ttft[r] = self.t - self.arrival[r]
-                generated[r] += 1
+            pr = progress[r] = progress[r] + chunk
+            if pr >= target[r]:
+                pref.remove(r)
+                g = self.grp[r]
+                if g >= 0:
+                    self.warm.add(g)
+                gen = generated[r]
+                if gen == 0:
+                    self.ttft[r] = t - self.arrival[r]
+                generated[r] = gen = gen + 1
                 self.last[r] = dur
-                if generated[r] >= out[r]:
+                if gen >= out[r]:
                     self.set_e2e(r)
                     self.free += held[r]
                     held[r] = 0
                     del self.run_order[r]
+                elif self.ctx is None:  # dec_add, inlined
+                    c = inp[r] + gen - 1 - D
+                    self.dec_c[r] = c
+                    self.sum_c += c
+                    self.phase[c % bs] += 1
+                    f = self.last_tick[r] = out[r] + inp[r] - 2 - c
+                    heapq.heappush(self.fin_heap, (f, r))
+                    if self.need_max:
+                        heapq.heappush(self.max_heap, (-c, r))
+                        m = self.max_cache
+                        if m is not None and c > m:
+                            self.max_cache = c
                 else:
-                    self.dec_add(r, inp[r] + generated[r] - 1 - D)
+                    self.dec_add(r, inp[r] + gen - 1 - D)
         if q:
-            self.finish_decoders(dur)
+            h = self.fin_heap
+            if h and h[0][0] < D:
+                self.finish_decoders(dur)
 
     def decode_run(self) -> bool:
         """A run of pure-decode steps until the next event; False if the next step is not one."""
-        cfg, bs, D = self.cfg, self.bs, self.D
-        q = len(self.dec_c)
-        B = cfg.max_scheduled_tokens
+        D, dec_c, B, bs = self.D, self.dec_c, self.B, self.bs
+        q = len(dec_c)
         if q > B:
             return False
-        phase = self.phase
-        ph = (-D) % bs
-        need0 = phase[ph]
-        if need0 > self.free:
+        need0 = self.phase[(-D) % bs]
+        free = self.free
+        if need0 > free:
             return False
-        room = len(self.run_order) < cfg.max_running and B > q
-        if room and self.waiting:  # would the head of the queue be admitted in this step?
-            r = self.waiting[0]
-            cached = self.cached_tokens(r)
-            if self.blocks_for(cached + min(self.target[r] - cached, B - q)) <= self.free - need0:
+        waiting = self.waiting
+        room = len(self.run_order) < self.max_running and B > q
+        if room and waiting:  # would the head of the queue be admitted in this step?
+            r = waiting[0]
+            g = self.grp[r]
+            cached = 0
+            if self.cacheable is not None and g >= 0 and g in self.warm:
+                cached = max(0, min(self.cacheable[r], self.target[r] - 1))
+            if -(-(cached + min(self.target[r] - cached, B - q)) // bs) <= free - need0:
                 return False
-        k = min(self.min_fin() - D + 1, cfg.max_steps - self.n_steps)
-        if k > 1 and (-(-k // bs)) * q > self.free and self.new_blocks(k) > self.free:
+        f, r = self.fin_heap[0]
+        if r not in dec_c or self.last_tick[r] != f:
+            f = self.min_fin()
+        k = f - D + 1
+        if self.max_steps - self.n_steps < k:
+            k = self.max_steps - self.n_steps
+        if k > 1 and (-(-k // bs)) * q > free and self.new_blocks(k) > free:
             lo, hi = 1, k - 1  # largest k whose new blocks fit (need0 <= free: k = 1 fits)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if self.new_blocks(mid) <= self.free else (lo, mid - 1)
+                lo, hi = (mid, hi) if self.new_blocks(mid) <= free else (lo, mid - 1)
             k = lo
-        cut = room and not self.waiting and self.nxt < self.n  # an arrival could join: stop before its step
+        cut = room and not waiting and self.nxt < self.n  # an arrival could join: stop before its step
         arrival_next = self.arrival[self.nxt] if cut else 0
-        timer = self.timer
         t0 = self.t
         rec = self.rec
-        if self.aggregate:
-            M0, S0 = self.max_c() + D, self.sum_c + q * D
-            tab = timer.solo_table(M0 + k) if q == 1 and k > 2 else None
-        else:
-            tab = None
-        if tab is not None:  # batch-1 run: durations and their cumulative sums are tabulated per PI
-            dur1, cum1 = tab
-            base = int(cum1[M0])
-            if cut:  # steps j >= 1 start at t0 + cum1[M0 + j] - base; keep those starting before the arrival
-                k = min(k, 1 + int(np.searchsorted(cum1[M0 + 1 : M0 + k], arrival_next - t0 + base, side="left")))
-            self.t = t0 + int(cum1[M0 + k]) - base
-            last = int(dur1[M0 + k - 1])
-            durs = dur1[M0 : M0 + k].tolist() if rec is not None else None
-        elif self.aggregate and k <= _SCALAR_RUN:
-            hw_us = timer.steps.decode_hw_us
-            ovh = timer.overhead_us(0, 0, q)
-            rnd = round_half_away_scalar if ovh < 0 else _round_pos
-            floor = timer._floor
-            durs = []
-            tt = t0
-            for j in range(k):
-                d = rnd(hw_us(q, M0 + j, S0 + q * j) + ovh)
-                if floor is not None and d < floor:
-                    d = floor
-                durs.append(d)
-                tt += d
-                if cut and tt >= arrival_next:
-                    break
-            k = len(durs)
-            self.t = tt
-            last = durs[-1]
-        else:
-            if self.aggregate:
-                hw = timer.steps.decode_run_hw_us(q, M0, S0, k)
-            else:
-                hw = timer.decode_run_us(np.array(self.d_pis(), dtype=np.int64), k)
-            durs_np = timer.run_us(hw, q)
-            ends = np.cumsum(durs_np)
-            if cut:
-                if durs_np.min() >= 0:  # step j >= 1 starts at t0 + ends[j - 1]
-                    k = min(k, 1 + int(np.searchsorted(ends[: k - 1], arrival_next - t0, side="left")))
-                else:  # not monotone: the first step ending at or after the arrival is the last
-                    k = min(k, 1 + int(np.argmax(np.append(ends[: k - 1] >= arrival_next - t0, True))))
-            self.t = t0 + int(ends[k - 1])
+        if not self.aggregate:
+            timer = self.timer
+            durs_np = timer.run_us(timer.decode_run_us(np.array(self.d_pis(), dtype=np.int64), k), q)
+            k = _cut(durs_np, k, cut, arrival_next - t0)
+            self.t = t0 + int(durs_np[:k].sum())
             last = int(durs_np[k - 1])
             durs = durs_np[:k].tolist() if rec is not None else None
+        else:
+            S0 = self.sum_c + q * D
+            tab = self.timer.solo_table(S0 + k) if q == 1 and k > 2 else None
+            if tab is not None:  # batch-1 run: durations and their cumulative sums are tabulated per PI
+                dur1, cum1 = tab
+                base = int(cum1[S0])
+                if cut:  # steps j >= 1 start at t0 + cum1[S0 + j] - base; keep those starting before the arrival
+                    k = min(k, 1 + int(np.searchsorted(cum1[S0 + 1 : S0 + k], arrival_next - t0 + base,
+                                                       side="left")))
+                self.t = t0 + int(cum1[S0 + k]) - base
+                last = int(dur1[S0 + k - 1])
+                durs = dur1[S0 : S0 + k].tolist() if rec is not None else None
+            elif self.ctx is not None and rec is None:  # per_request, inlined: Σ f m = C0 + j (C1 + j C2)
+                kk, C0, C1, C2, fms = self.ctx.segment(D, k)
+                if fms is not None:  # a piece where the MFU is not affine: the general path
+                    k, last, durs = self.aggregate_run(q, S0, k, cut, arrival_next)
+                else:
+                    hw_us, floor = self.hw_us, self.floor
+                    dov = self.timer._dec_ovh
+                    ovh = dov[q] if q < len(dov) else self.timer.decode_overhead_us(q)
+                    t = t0
+                    n = 0
+                    last = 0
+                    for j in range(kk if kk <= SCALAR_RUN else SCALAR_RUN):
+                        x = hw_us(q, 0, S0 + q * j, C0 + j * (C1 + j * C2)) + ovh
+                        last = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
+                        if floor is not None and last < floor:
+                            last = floor
+                        t += last
+                        n += 1
+                        if cut and t >= arrival_next:
+                            break
+                    else:
+                        if n < k:  # the rest of a long run (or of its first segment), general path
+                            self.t = t
+                            n, last, _ = self.aggregate_run(q, S0, k, cut, arrival_next, n)
+                            t = self.t
+                    self.t = t
+                    k = n
+                    durs = None
+            elif rec is None:  # the common case, inlined: first steps one by one
+                hw_us, floor = self.hw_us, self.floor
+                M0 = ((self.max_c() if self.max_cache is None else self.max_cache) + D) if self.need_max else 0
+                dov = self.timer._dec_ovh
+                ovh = dov[q] if q < len(dov) else self.timer.decode_overhead_us(q)
+                t = t0
+                n = 0
+                last = 0
+                for j in range(k if k <= SCALAR_RUN else SCALAR_RUN):
+                    x = hw_us(q, M0 + j, S0 + q * j) + ovh
+                    last = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
+                    if floor is not None and last < floor:
+                        last = floor
+                    t += last
+                    n += 1
+                    if cut and t >= arrival_next:
+                        break
+                else:
+                    if n < k:  # a long run: the rest vectorised
+                        self.t = t
+                        n, last, _ = self.aggregate_run(q, S0, k, cut, arrival_next, n)
+                        t = self.t
+                self.t = t
+                k = n
+                durs = None
+            else:
+                k, last, durs = self.aggregate_run(q, S0, k, cut, arrival_next)
         if rec is not None:
             starts = (t0 + np.cumsum([0] + durs[:-1])).tolist()
             self.record(starts, durs, [q] * k, [0] * k, [q] * k)
         self.n_steps += k
         self.free -= need0 if k == 1 else self.new_blocks(k)
-        self.D = D + k
-        self.finish_decoders(last)
+        self.D = D = D + k
+        if self.fin_heap[0][0] < D:
+            self.finish_decoders(last)
         return True
+
+    def aggregate_run(self, q: int, S0: int, k: int, cut: bool, arrival_next: int,
+                      done: int = 0) -> tuple[int, int, list | None]:
+        """Time decode-only steps ``done .. k - 1`` of a run from the decode statistics; advance ``self.t``.
+
+        Stops after the first step that ends at or after ``arrival_next`` when
+        ``cut``.  The first steps are timed one by one with Python floats (a run
+        cut by an arrival usually stops after a few), the rest of a long run in
+        one vectorised call.  A ``per_request`` run is evaluated in segments
+        between two knot crossings of its :class:`~calib.physics.fast.ContextSet`.
+        Returns ``(steps done, last duration, durations or None)``.
+        """
+        timer, ctx, D = self.timer, self.ctx, self.D
+        steps = timer.steps
+        hw_us = steps.decode_hw_us
+        M0 = self.max_c() + D if self.need_max else 0
+        ovh = timer._dec_ovh[q] if q < len(timer._dec_ovh) else timer.decode_overhead_us(q)
+        floor = timer._floor
+        keep = self.rec is not None
+        durs: list | None = [] if keep else None
+        t = self.t
+        d = 0
+        while True:
+            kk = k - done
+            fms = None
+            if ctx is not None:  # Σ f m of the steps: C0 + j (C1 + j C2), or listed
+                kk, C0, C1, C2, fms = ctx.segment(D + done, kk)
+            M, S = M0 + done, S0 + q * done
+            n = 0
+            stop = False
+            for j in range(kk if kk <= SCALAR_RUN else SCALAR_RUN):
+                if ctx is None:
+                    x = hw_us(q, M + j, S + q * j) + ovh
+                else:
+                    x = hw_us(q, M + j, S + q * j, C0 + j * (C1 + j * C2) if fms is None else fms[j]) + ovh
+                d = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
+                if floor is not None and d < floor:
+                    d = floor
+                t += d
+                n += 1
+                if keep:
+                    durs.append(d)
+                if cut and t >= arrival_next:
+                    stop = True
+                    break
+            if not stop and n < kk:  # the rest of a long segment, vectorised
+                rest = kk - n
+                part = timer.run_us(steps.decode_run_hw_us(
+                    q, M + n, S + q * n, rest, None if ctx is None else ctx.fm_series(D + done + n, rest)), q)
+                m = _cut(part, rest, cut, arrival_next - t)
+                t += int(part[:m].sum())
+                if keep:
+                    durs.extend(part[:m].tolist())
+                d = int(part[m - 1])
+                n += m
+                stop = cut and t >= arrival_next
+            done += n
+            if stop or done >= k:
+                break
+        self.t = t
+        return done, d, durs
+
+
+def _cut(durs: np.ndarray, k: int, cut: bool, until: int) -> int:
+    """Steps of a run kept when an arrival ``until`` µs after its start cuts it.
+
+    Step ``j >= 1`` runs when step ``j - 1`` ended before the arrival; so the run
+    ends with the first step that ends at or after it.
+    """
+    if not cut or k <= 1:
+        return k
+    ends = np.cumsum(durs[: k - 1])
+    if durs.min() >= 0:
+        return min(k, 1 + int(np.searchsorted(ends, until, side="left")))
+    return min(k, 1 + int(np.argmax(np.append(ends >= until, True))))

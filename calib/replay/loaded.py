@@ -5,11 +5,16 @@ The engine-facing part (a trace's engine inputs, one replay of them) is
 
 * **where the runs are** (:func:`resolve_data_dir`): a folder given
   explicitly (a relative path is taken from the current folder), else
-  ``$CALIB_DATA/batched``; nothing is guessed from where calib is installed;
+  ``$CALIB_DATA/batched`` (or ``$CALIB_DATA`` itself when it holds the runs),
+  else the shipped dataset (the 16 runs of ``data/batched`` in calib's own
+  format, :func:`calib.data.runs.shipped_dir`); nothing is guessed from where
+  calib's source is;
 * **runs** (:class:`LoadedRun`, :func:`load_run`, :func:`load_runs`): a trace
   bound to its engine inputs, grouped ``dense``, ``moe`` (mixture-of-experts
   model) or ``overloaded`` (a *reasoning* run, whose real server queue grew
-  without bound);
+  without bound).  A run folder is calib's own format (``run.yaml`` +
+  ``requests.csv.gz``, :mod:`calib.data.runs`, written by ``calib import``) or
+  an inference-perf folder (``requests.json``...);
 * **replay under a** :class:`~calib.settings.Settings` (:func:`replay_run`):
   the physics (variant, switches, constants, hardware), the overhead model
   and the client-side request latency of the settings; step models are
@@ -55,7 +60,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from calib.data.traces import DEFAULT_OUTPUT_RULE, Trace, list_traces, load_trace
+from calib.data.runs import RunInfo, is_run_folder, list_run_folders, read_run, shipped_dir
+from calib.data.traces import DEFAULT_OUTPUT_RULE, Trace, load_trace
 from calib.errors import ConfigError, DataError
 from calib.metrics import METRICS, ape_block, stats
 from calib.physics.options import PhysicsOptions
@@ -105,14 +111,18 @@ STAGE_COLUMNS = ("run", "stage", "model", "tp", "profile", "group", "rate", "dur
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of loaded-server runs: ``data_dir`` (relative: from the current folder), else ``$CALIB_DATA/batched``.
+    """The folder of loaded-server runs.
+
+    ``data_dir`` when given (relative: from the current folder); else, when the
+    environment variable ``CALIB_DATA`` is set, ``$CALIB_DATA/batched`` — or
+    ``$CALIB_DATA`` itself when that holds the runs (a folder ``calib import``
+    wrote); else the shipped dataset (:func:`calib.data.runs.shipped_dir`).
 
     Raises
     ------
-    ConfigError
-        Neither ``data_dir`` nor ``CALIB_DATA`` is set.
     DataError
-        The folder does not exist or holds no run (no ``*/requests.json``).
+        The folder does not exist or holds no run (no sub-folder with
+        ``run.yaml`` + ``requests.csv.gz`` or ``requests.json``).
 
     Examples
     --------
@@ -121,14 +131,21 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     ...
     calib.errors.DataError: data_dir: loaded-server data folder /nowhere/batched not found
     """
-    from calib.resources import data_dir as given_or_env
+    from calib.resources import DATA_ENV
 
-    path = Path(os.path.abspath(given_or_env(data_dir, what="loaded-server runs", subdir="batched",
-                                             flag="data_dir")))
+    if (data_dir is None or str(data_dir) == "") and os.environ.get(DATA_ENV, ""):
+        root = Path(os.path.abspath(Path(os.environ[DATA_ENV]).expanduser()))
+        for cand in (root / "batched", root):
+            if cand.is_dir() and list_run_folders(cand):
+                return cand
+        raise DataError(f"no run in {root / 'batched'} nor in {root} (${DATA_ENV})", field="data_dir")
+    if data_dir is None or str(data_dir) == "":
+        return shipped_dir()
+    path = Path(os.path.abspath(Path(data_dir).expanduser()))
     if not path.is_dir():
         raise DataError(f"loaded-server data folder {path} not found", field="data_dir")
-    if not list_traces(path):
-        raise DataError(f"no run (folder with requests.json) in {path}", field="data_dir")
+    if not list_run_folders(path):
+        raise DataError(f"no run (folder with run.yaml or requests.json) in {path}", field="data_dir")
     return path
 
 
@@ -147,6 +164,9 @@ class LoadedRun:
     is_moe : bool
     windows : dict
         Windowed runs already built (:meth:`windowed`).
+    info : RunInfo or None
+        Prefix sharing and context limit of a run in calib's format (``None``: an inference-perf
+        folder, whose files the replay reads itself).
     """
 
     name: str
@@ -155,6 +175,7 @@ class LoadedRun:
     group: str
     is_moe: bool
     windows: dict = field(default_factory=dict, repr=False)
+    info: RunInfo | None = field(default=None, repr=False)
 
     @property
     def model(self) -> str:
@@ -167,7 +188,12 @@ class LoadedRun:
         key = float(window_s)
         run = self.windows.get(key)
         if run is None:
-            run = BatchedRun(window_trace(self.trace, key), **{**self.run.options, "record_steps": False})
+            trace = window_trace(self.trace, key)
+            if self.info is None:
+                run = BatchedRun(trace, **{**self.run.options, "record_steps": False})
+            else:
+                base = {k: v for k, v in self.run.options.items() if k in _USER_OPTIONS}
+                run = _given_prefix_run(trace, self.info, **{**base, "record_steps": False})
             self.windows[key] = run
         return run
 
@@ -177,16 +203,85 @@ def run_group(trace: Trace, is_moe: bool) -> str:
     return "overloaded" if trace.overloaded else ("moe" if is_moe else "dense")
 
 
+#: :func:`load_run` options a user chooses (the rest are derived from a calib run's files).
+_USER_OPTIONS = ("prefix", "cached_prefill_pi", "max_steps", "record_steps")
+
+
+class _GivenPrefixRun(BatchedRun):
+    """A :class:`BatchedRun` whose prefix arrays were derived here: its inputs name where they came from."""
+
+    def __init__(self, trace: Trace, prefix_source: str, **input_options: Any):
+        super().__init__(trace, **input_options)
+        self._prefix_source = prefix_source
+
+    def inputs(self, model_max_context: int = 0):
+        from dataclasses import replace
+
+        return replace(super().inputs(model_max_context), prefix_source=self._prefix_source)
+
+
+def _given_prefix_run(trace: Trace, info: RunInfo, *, prefix: str = "auto", **options: Any) -> BatchedRun:
+    """The engine binding of a calib-format trace: its prefix arrays and context limit from ``info``.
+
+    The same rule as :func:`calib.replay.batched.replay_inputs` applies to an inference-perf folder's
+    files: ``prefix_group`` labels when some request has one (``auto``/``groups``), else the shared
+    system prompts assigned round robin in arrival order (``auto``/``profile``), else none.
+    """
+    from calib.replay.batched import PREFIX_MODES
+
+    if prefix not in PREFIX_MODES:
+        raise ConfigError(f"unknown prefix mode {prefix!r}; choose one of {', '.join(PREFIX_MODES)}", field="prefix")
+    opts: dict[str, Any] = dict(options)
+    if info.max_model_len is not None:
+        opts["max_model_len"] = int(info.max_model_len)
+    req = trace.requests
+    n = len(req)
+    labels = req["prefix_group"].astype(str).to_numpy() if "prefix_group" in req.columns else np.full(n, "")
+    has_labels = bool((labels != "").any())
+    p = info.prefix
+    if prefix == "none":
+        return BatchedRun(trace, prefix="none", **opts)
+    if prefix == "groups" or (prefix == "auto" and has_labels):
+        if not has_labels or p.group_prompt_len < 1:
+            raise DataError("no prefix_group labels (or no prefix length) in the run", file=trace.source,
+                            field="prefix_group")
+        codes = {g: i for i, g in enumerate(sorted(set(labels.tolist()) - {""}))}
+        grp = np.array([codes.get(label, -1) for label in labels], np.int64)
+        pre = np.where(grp >= 0, p.group_prompt_len, 0).astype(np.int64)
+        source = f"prefix_group labels ({len(codes)} groups of a {p.group_prompt_len}-token prefix)"
+    elif p.shared_prompt_len > 0 and p.shared_prompts > 0:
+        grp = np.arange(n, dtype=np.int64) % p.shared_prompts
+        pre = np.full(n, p.shared_prompt_len, np.int64)
+        source = (f"profile: {p.shared_prompts} system prompts of {p.shared_prompt_len} tokens, assigned round robin "
+                  "(the run has no prefix_group labels)")
+    elif prefix == "profile":
+        raise DataError("the run declares no shared system prompt", file=trace.source,
+                        field="prefix.shared_prompt_len")
+    else:
+        return BatchedRun(trace, prefix="none", **opts)
+    pre = np.minimum(pre, req["input_tokens"].to_numpy(np.int64))
+    return _GivenPrefixRun(trace, source, prefix=prefix, prefix_tokens=pre, prefix_group=grp, **opts)
+
+
 def load_run(folder: str | os.PathLike, *, output_rule: str = DEFAULT_OUTPUT_RULE, prefix: str = "auto",
              cached_prefill_pi: str = "cached", max_steps: int | None = None) -> LoadedRun:
-    """Load one run folder (:func:`~calib.data.traces.load_trace`) and bind it to its engine options."""
+    """Load one run folder and bind it to its engine options.
+
+    ``folder`` is a run in calib's format (:func:`calib.data.runs.read_run`: ``run.yaml`` +
+    ``requests.csv.gz``) or an inference-perf folder (:func:`~calib.data.traces.load_trace`).
+    """
     from calib.specs import load_model
 
     folder = Path(folder)
-    trace = load_trace(folder, output_rule=output_rule)
+    info = None
+    if is_run_folder(folder):
+        trace, info = read_run(folder, output_rule=output_rule)
+        run = _given_prefix_run(trace, info, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps)
+    else:
+        trace = load_trace(folder, output_rule=output_rule)
+        run = BatchedRun(trace, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps)
     moe = load_model(trace.model).is_moe
-    run = BatchedRun(trace, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps)
-    return LoadedRun(folder.name, trace, run, run_group(trace, moe), moe)
+    return LoadedRun(folder.name, trace, run, run_group(trace, moe), moe, info=info)
 
 
 def load_runs(data_dir: str | os.PathLike | None = None, runs: Sequence[str] | None = None, **options: Any
@@ -199,7 +294,7 @@ def load_runs(data_dir: str | os.PathLike | None = None, runs: Sequence[str] | N
         The folder is missing or empty (:func:`resolve_data_dir`), or ``runs`` names an unknown run.
     """
     root = resolve_data_dir(data_dir)
-    folders = list_traces(root)
+    folders = list_run_folders(root)
     if runs is not None:
         by_name = {p.name: p for p in folders}
         unknown = [r for r in runs if r not in by_name]
@@ -515,7 +610,7 @@ def load_stages(data_dir: str | os.PathLike | None = None, runs: Sequence[str] |
     Parameters
     ----------
     data_dir : str or path-like, optional
-        Folder of runs (default ``$CALIB_DATA/batched``; :func:`resolve_data_dir`).
+        Folder of runs (default ``$CALIB_DATA/batched``, else the shipped dataset; :func:`resolve_data_dir`).
     runs : sequence of str, optional
         Run folder names (default: all).
     window_s : float, optional

@@ -114,7 +114,6 @@ class SyncReplay:
         self.step_model = step_model
         self.requests = requests
         self.scheduler = scheduler or SchedulerConfig()
-        self._memo: dict = {}
         self._build_solo_steps()
 
     def _build_solo_steps(self) -> None:
@@ -176,7 +175,7 @@ class SyncReplay:
 
     def run(self, overhead: OverheadModel) -> RequestTimes:
         """Replay with ``overhead``; reuses the cached solo-step hardware times."""
-        timer = StepTimer(self.step_model, overhead, memo=self._memo)
+        timer = StepTimer(self.step_model, overhead)
         req, cfg = self.requests, self.scheduler
         durs = timer.combine(self._hw_us, self._features).astype(np.float64)
         ttft = np.bincount(self._step_req, weights=np.where(self._is_prefill, durs, 0.0), minlength=req.n)

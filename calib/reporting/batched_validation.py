@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from calib.metrics import APE_KEYS
+from calib.reporting.common import abstract_block
 from calib.reporting.plots import plt, save
 from calib.reporting.tables import md_table, pct
 
@@ -117,6 +118,7 @@ def replay_table(entries: Sequence[dict]) -> str:
 
 
 def diagnosis_lines(entries: Sequence[dict]) -> list[str]:
+    """Per-run diagnoses; when there are none, a sentence that says only that (the targets are in the tables)."""
     lines = []
     for e in entries:
         d = e.get("diagnosis") or []
@@ -124,7 +126,27 @@ def diagnosis_lines(entries: Sequence[dict]) -> list[str]:
             lines.append(f"**{short(e['run'])}** ({e['model']}, TP {e['tp']}):")
             lines += [f"- {x}" for x in d]
             lines.append("")
-    return lines or ["Every supported run met every target.", ""]
+    return lines or ["No run carries a diagnostic note; whether each run met the targets is in the tables above.",
+                     ""]
+
+
+def abstract(r: dict) -> list[str]:
+    """Three lines from the results: the best calibration on the dense runs, how many ran away, the targets."""
+    dense = {label: c["groups"]["dense"] for label, c in r["calibrations"].items()
+             if c["groups"].get("dense", {}).get("mape")}
+    if not dense:
+        return ["No calibration produced predictions for the dense runs.", "See the calibration table.",
+                "No target can be judged."]
+    best = min(dense, key=lambda k: dense[k]["mape"]["tpot_mean_ms"])
+    g = dense[best]
+    met = [label for label, d in dense.items() if d["targets"].get("all")]
+    return [f"On the {g['n_runs']} dense runs (mean APE over runs), the closest calibration is `{best}`: TPOT "
+            f"{pct(g['mape']['tpot_mean_ms'])}, E2E {pct(g['mape']['e2e_mean_ms'])}, TTFT "
+            f"{pct(g['mape']['ttft_mean_ms'])}.",
+            "Runaway queues where the real server was stable: " + "; ".join(
+                f"`{label}` {len(d['runaway_runs'])}" for label, d in dense.items()) + ".",
+            f"Calibrations meeting every target: {', '.join(f'`{m}`' for m in met) or 'none'} "
+            "(every prediction is held out: nothing was fitted to a loaded run)."]
 
 
 def rule_lines(results: dict) -> list[str]:
@@ -202,7 +224,7 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     cals = r["calibrations"]
     files = []
     lines = [f"# {r['study']}: loaded-server validation of the synchronous calibrations", "",
-             r.get("description", "").strip(), "",
+             *abstract_block(abstract(r)), r.get("description", "").strip(), "",
              "Every prediction here is held out: no parameter was fitted to a loaded run.  Targets (issue 6): "
              "mean-TPOT and mean-E2E APE < 10 %, mean-TTFT APE < 25 % on the dense non-reasoning runs, and no "
              "runaway queue in a stage where the real server stayed stable.  APE = |predicted − measured| / measured "

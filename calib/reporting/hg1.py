@@ -59,7 +59,9 @@ def abstract(r: dict) -> list[str]:
     sp = r["splits"]
     crit = r["criteria"]
     passed = sum(c["passed"] for c in crit)
-    third = reproduction_line(r) or "This study names no published figures to reproduce."
+    third = reproduction_line(r) or (
+        "No published figures in this mode (the published study compared in reference mode)."
+        if r["mode"] != "reference" else "This study names no published figures to reproduce.")
     return [f"Optimum **{r['optimum_us']:g} µs** on {len(r['settings']['split']['train'])} train experiments: mean "
             f"TPOT APE over experiments {pct(sp['train']['tpot_mape']['optimum'])} train, "
             f"{pct(sp['test']['tpot_mape']['optimum'])} test.",

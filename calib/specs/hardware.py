@@ -15,15 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from calib.errors import ConfigError
 from calib.resources import config_path
+from calib.specs._files import load_yaml
 
 __all__ = ["HardwareSpec", "load_hardware", "available_hardware"]
 
 #: The shipped hardware files (``configs/hardware``).
 HARDWARE_DIR = config_path("hardware")
+#: Upper limits of the numbers of a hardware file (about 1000x today's accelerators: a typo, not a GPU).
+MAX_TFLOPS, MAX_TBS, MAX_GIB = 1e6, 1e4, 1e7
 _FIELDS = {"name", "tflops_peak", "bw_peak_tbs", "bw_efficiency", "mfu_table", "memory_gib", "tflops_fp8", "description"}
 
 
@@ -79,10 +80,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
             raise ConfigError(
                 f"unknown hardware {text!r}; known: {', '.join(available_hardware())}", field="hardware"
             )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read YAML: {str(exc).splitlines()[0]}", file=path) from None
+    data = load_yaml(path, error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping at top level", file=path)
     unknown = sorted(set(data) - _FIELDS)
@@ -104,11 +102,11 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     eff = number("bw_efficiency", 0.0, positive=False, at_most=1.0)
     return HardwareSpec(
         name=str(data.get("name", path.stem)),
-        tflops_peak=number("tflops_peak"),
-        bw_peak_tbs=number("bw_peak_tbs"),
+        tflops_peak=number("tflops_peak", at_most=MAX_TFLOPS),
+        bw_peak_tbs=number("bw_peak_tbs", at_most=MAX_TBS),
         bw_efficiency=eff if eff > 0 else 1.0,
         mfu_table=str(data.get("mfu_table", path.stem)),
-        memory_gib=number("memory_gib", 0.0, positive=False),
-        tflops_fp8=number("tflops_fp8", 0.0, positive=False),
+        memory_gib=number("memory_gib", 0.0, positive=False, at_most=MAX_GIB),
+        tflops_fp8=number("tflops_fp8", 0.0, positive=False, at_most=MAX_TFLOPS),
         source=str(path),
     )

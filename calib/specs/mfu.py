@@ -547,11 +547,14 @@ def _columns(raw: Mapping[str, Sequence], names: Sequence[str], file, where: str
 
 
 def _read_csv(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise ConfigError("file not found", file=path)
+    import io
+
+    from calib.specs._files import read_text
+
+    text = read_text(path, None, ConfigError)
     try:
-        df = pd.read_csv(path, dtype=str, skipinitialspace=True, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        df = pd.read_csv(io.StringIO(text), dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
         raise ConfigError(f"cannot parse CSV ({exc})", file=path) from None
     df.columns = [str(c).strip() for c in df.columns]
     raw = {c: df[c].str.strip().to_numpy(dtype=object) for c in names if c in df.columns}
@@ -572,7 +575,8 @@ def _gpu_dir(parent: Path, gpu: str) -> Path:
 # --------------------------------------------------------------------------- import / write / load
 
 
-def import_bench_data(bench_dir: str | Path, gpu: str, out: str | Path | None = None) -> MFUDatabase:
+def import_bench_data(bench_dir: str | Path, gpu: str, out: str | Path | None = None, *,
+                      force: bool = False) -> MFUDatabase:
     """Read one GPU's tables from a raw InferSim ``bench_data`` directory.
 
     Reads ``gemm/<gpu>/data.csv``, ``mha/prefill/<gpu>/<nH>-<nKV>-<hd>.csv`` and
@@ -588,6 +592,10 @@ def import_bench_data(bench_dir: str | Path, gpu: str, out: str | Path | None = 
         GPU name, any case (``"h100"``).
     out : str or Path, optional
         If given, write calib's compact JSON there (deterministic bytes).
+    force : bool
+        Overwrite ``out`` even when it is not an MFU file calib wrote (by
+        default that is an error: ``--out`` naming the wrong file destroys
+        nothing).
 
     Returns
     -------
@@ -608,6 +616,11 @@ def import_bench_data(bench_dir: str | Path, gpu: str, out: str | Path | None = 
     bench = Path(bench_dir)
     if not bench.is_dir():
         raise ConfigError("bench_data directory not found", file=bench)
+    if out is not None and not force:
+        target = Path(out)
+        if target.is_symlink() or (target.exists() and not (target.is_file() and _written_by_import(target))):
+            raise ConfigError("exists and is not an MFU file calib wrote; refusing to overwrite it (choose another "
+                              "--out, or give --force)", file=target)
     gemm = GemmTable(**_read_csv(_gpu_dir(bench / "gemm", gpu) / "data.csv", _GEMM_COLS))
 
     prefill_dir = _gpu_dir(bench / "mha" / "prefill", gpu)
@@ -667,15 +680,47 @@ def _write_json(db: MFUDatabase, out: Path) -> None:
         f'  "decode": {{\n{tables(decode)}\n  }}\n'
         "}\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8", newline="\n")
+    import os
+    import tempfile
+
+    try:
+        if out.exists() and not out.is_file():
+            raise ConfigError("is not a file", file=out, field="--out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, out)  # whole or not at all; a link at ``out`` is replaced, not written through
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot write: {exc.strerror or exc}", file=out) from None
+
+
+def _written_by_import(path: Path) -> bool:
+    """Whether ``path`` holds calib's MFU JSON (the ``format`` marker in its first lines)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(200).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return f'"format": {json.dumps(MFU_FORMAT)}' in head
 
 
 def _read_json(path: Path) -> MFUDatabase:
+    from calib.specs._files import read_text
+
+    text = read_text(path, None, ConfigError)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read JSON ({exc})", file=path) from None
+        doc = json.loads(text)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"cannot read JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                          file=path) from None
     if not isinstance(doc, dict) or doc.get("format") != MFU_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None
         raise ConfigError(f"expected format {MFU_FORMAT!r}, got {got!r}", file=path, field="format")

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from calib.errors import ConfigError
 from calib.resources import config_path
+from calib.specs._files import parse_yaml, read_text
 
 __all__ = ["ModelSpec", "load_model", "available_models", "DTYPE_BYTES", "EXPERT_COUNT_KEYS"]
 
@@ -43,6 +42,23 @@ DTYPE_BYTES: Mapping[str, int] = {
 
 #: Keys that give the routed expert count, in the order v3 resolves them (spec §1.1).
 EXPERT_COUNT_KEYS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts", "num_routed_experts")
+
+#: Largest value accepted for an integer key of a model description (generous: about 100x the largest models
+#: published), so that a typo such as ``num_hidden_layers: 1e18`` is an error, not hours of arithmetic.
+MAX_VALUES: Mapping[str, int] = {
+    "num_hidden_layers": 10_000,
+    "num_attention_heads": 100_000,
+    "num_key_value_heads": 100_000,
+    "hidden_size": 10_000_000,
+    "head_dim": 100_000,
+    "vocab_size": 100_000_000,
+    "max_position_embeddings": 1_000_000_000,
+    "interleave_moe_layer_step": 10_000,
+    "num_experts_per_tok": 1_000_000,
+    **{key: 1_000_000 for key in EXPERT_COUNT_KEYS},
+}
+#: The limit of every other integer key (FFN widths and the like).
+MAX_INTEGER = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,41 @@ class ModelSpec:
         """``(nH, nKV, head_dim)``, the key of the attention MFU tables."""
         return (self.num_heads, self.num_kv_heads, self.head_dim)
 
+    def check_tp(self, tp: Any, field: str = "tp") -> int:
+        """``tp`` as an int if this model can be split over that many GPUs, else a one-line ConfigError.
+
+        As in vLLM: the attention heads must divide evenly among the GPUs, and
+        the KV heads too, or (fewer KV heads than GPUs) be replicated evenly.
+
+        Examples
+        --------
+        >>> load_model("llama-2-7b-hf").check_tp(4)
+        4
+        >>> load_model("llama-2-7b-hf").check_tp(3)
+        Traceback (most recent call last):
+        ...
+        calib.errors.ConfigError: tp: 32 attention heads do not divide among 3 GPUs (llama-2-7b-hf)
+        """
+        if isinstance(tp, bool) or not isinstance(tp, (int, float)) or tp != tp or tp != int(tp) or tp < 1:
+            raise ConfigError(f"must be a whole number >= 1, got {tp!r}", field=field)
+        tp = int(tp)
+        if self.num_heads % tp:
+            raise ConfigError(f"{self.num_heads} attention heads do not divide among {tp} GPUs ({self.name})",
+                              field=field)
+        kv = self.num_kv_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise ConfigError(f"{kv} KV heads can be neither split nor replicated evenly over {tp} GPUs "
+                              f"({self.name})", field=field)
+        return tp
+
+    def check_context(self, tokens: int, field: str = "context") -> int:
+        """``tokens`` if a sequence that long fits the model (``max_position_embeddings``), else a ConfigError."""
+        limit = self.max_context or MAX_VALUES["max_position_embeddings"]
+        if tokens > limit:
+            what = f"{self.name}'s max_position_embeddings" if self.max_context else "the largest context calib models"
+            raise ConfigError(f"{tokens} tokens exceed {what} ({limit})", field=field)
+        return tokens
+
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], *, name: str, source: str = "") -> "ModelSpec":
         """Validate an HF-style mapping and build a spec; errors name ``source`` and the key."""
@@ -149,6 +200,9 @@ class ModelSpec:
             value = int(value)
             if value < minimum:
                 raise ConfigError(f"must be >= {minimum}, got {value}", file=source, field=key)
+            limit = MAX_VALUES.get(key, MAX_INTEGER)
+            if value > limit:
+                raise ConfigError(f"must be <= {limit}, got {value}", file=source, field=key)
             return value
 
         layers = integer("num_hidden_layers", minimum=1)
@@ -229,16 +283,30 @@ def available_models() -> list[str]:
 
 
 def _read_mapping(path: Path) -> Any:
+    text = read_text(path, error=ConfigError)
+    if path.suffix != ".json":
+        return parse_yaml(text, path, ConfigError)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read file ({exc.strerror})", file=path) from None
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}".splitlines()[0], file=path) from None
+        return json.loads(text, object_pairs_hook=_unique_keys(path))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", file=path) from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"not valid JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                          file=path) from None
+
+
+def _unique_keys(path: Path):
+    """A ``json.loads`` hook refusing a key given twice in one object."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError("key given twice", file=path, field=key)
+            out[key] = value
+        return out
+
+    return hook
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:

@@ -7,13 +7,14 @@ the loaded runs*, and :func:`evaluate_calibration` replays every run with it.
 Used by the ``batched_validation`` kind (every calibration) and the
 ``batched_calibration`` kind (its synchronous baseline).
 
-Relative paths (``results``, ``study``) are taken from the current folder,
-like every path of a study file.
+Relative paths (``calibration``, ``study``) are taken from the current folder,
+like every path of a study file.  Synchronous calibrations come in as
+calibration files (:class:`calib.Calibration`), never by reading keys of
+another study's results.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, fields as dc_fields
 from pathlib import Path
@@ -29,10 +30,8 @@ from calib.studies.context import RunContext
 from calib.studies.loaded_data import check_physics, physics_settings, run_entry
 from calib.studies.spec import GridRange, Strict
 
-__all__ = ["CalibrationSpec", "Calibration", "resolve_calibration", "evaluate_calibration", "estimator_physics"]
+__all__ = ["CalibrationSpec", "Calibration", "resolve_calibration", "evaluate_calibration"]
 
-HG1_RESULTS = "reports/hg1/reference/results.json"
-OVERHEAD_MODELS_RESULTS = "reports/overhead-models/corrected/results.json"
 
 
 def _overhead_names(model: str) -> list[str]:
@@ -46,14 +45,12 @@ class CalibrationSpec(Strict):
 
     * ``fixed``: ``physics`` + ``overhead_model`` and its parameters, given
       as flat keys (``per_layer_us: 100``);
-    * ``hg1``: the per-layer optimum of the HG1 study, read from ``results``
-      (default ``reports/hg1/reference/results.json``) or, when that file is absent,
-      obtained by running ``study`` (default: the shipped ``hg1`` study); the
-      physics are the HG1 estimator's unless ``physics`` overrides them;
-    * ``overhead_models``: the best overhead model of the generalization
-      studies, read from ``results`` (default
-      ``reports/overhead-models/corrected/results.json``); skipped with a note
-      when absent or unreadable;
+    * ``file``: a calibration file (:class:`calib.Calibration`, the
+      ``calibration.yaml`` a calibrating study writes) at ``calibration``;
+      skipped with a note when it does not exist yet;
+    * ``study``: the calibration a study recommends: ``calibration`` when that
+      file exists, else the study ``study`` (a file or a shipped study's name,
+      in ``mode``) is run in a scratch folder and its ``calibration.yaml`` read;
     * ``sync_grid``: grid-search ``per_layer_us`` over ``grid`` on the
       HG1 train split of the 13 synchronous experiments with the
       :class:`~calib.estimators.roofline.RooflineRegressor` settings ``estimator`` and the
@@ -65,12 +62,13 @@ class CalibrationSpec(Strict):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
-    source: Literal["fixed", "hg1", "overhead_models", "sync_grid"] = "fixed"
+    source: Literal["fixed", "file", "study", "sync_grid"] = "fixed"
     physics: dict[str, Any] = Field(default_factory=dict)
     overhead_model: str = "per_layer"
     request_latency_ms: float = Field(default=0.0, ge=0.0)
-    results: str | None = None
+    calibration: str | None = None
     study: str | None = None
+    mode: Literal["reference", "corrected"] | None = None
     estimator: dict[str, Any] = Field(default_factory=dict)
     grid: GridRange | None = None
     description: str = ""
@@ -103,6 +101,10 @@ class CalibrationSpec(Strict):
                 raise ValueError(str(exc)) from None
         if self.source == "sync_grid" and self.grid is None:
             raise ValueError("a sync_grid calibration needs 'grid'")
+        if self.source == "file" and not self.calibration:
+            raise ValueError("a 'file' calibration needs 'calibration' (the path of a calibration.yaml)")
+        if self.source == "study" and not (self.study or self.calibration):
+            raise ValueError("a 'study' calibration needs 'study' (and optionally 'calibration')")
         return self
 
     @property
@@ -163,100 +165,45 @@ def _fmt(v: float) -> str:
 # ======================================================================================= sources
 
 
-def estimator_physics(est: dict[str, Any]) -> dict[str, Any]:
-    """Physics of a RooflineRegressor parameter dict (as RooflineRegressor resolves them), described."""
-    from calib.estimators.roofline import RooflineRegressor
+def _from_file(c: CalibrationSpec, hardware: str, path: Path, origin: str) -> Calibration:
+    """A resolved calibration from a calibration file; ``physics`` of the spec override the file's."""
+    from calib.calibration import Calibration as CalibrationFile
 
-    known = RooflineRegressor().get_params()
-    return describe_physics(RooflineRegressor(**{k: v for k, v in est.items() if k in known})
-                            .settings().physics_options())
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    cal = CalibrationFile.load(path)
+    settings = cal.settings
+    if c.physics or hardware != settings.physics.hardware:
+        settings = settings.with_values({**c.physics, "hardware": hardware})
+    rows = cal.data.get("rows") or []
+    return Calibration(c.label, settings, origin, f"{len(rows)} rows ({', '.join(rows[:3])}{', ...' if len(rows) > 3 else ''})"
+                       if rows else "see the calibration file",
+                       extra={"calibration_file": str(path), "train_loss": cal.train_loss, "notes": cal.notes})
 
 
-def _hg1(c: CalibrationSpec, hardware: str) -> Calibration:
-    given = c.results or HG1_RESULTS
-    path = Path(given)
-    doc = _read_json(path)
-    origin = f"{given} (key optimum_us)"
-    if doc is None or "optimum_us" not in doc:
-        from calib.resources import study_file
-        from calib.studies.runner import run_study
-
-        study = Path(c.study) if c.study else study_file("hg1")
-        if not study.is_file():
-            raise StudyError(f"neither {path} nor the study file {study} exists", field=f"calibrations.{c.label}")
-        with tempfile.TemporaryDirectory() as tmp:
-            doc = run_study(study, tmp, progress=False, report=False)
-        origin = f"{c.study or 'the shipped hg1 study'} (run; {path.name} absent)"
-    optimum = float(doc["optimum_us"])
-    est = dict((doc.get("settings") or {}).get("estimator") or {})
-    physics = estimator_physics(est) if est else {"variant": "v2.3"}
-    physics.update(c.physics)
-    train = (doc.get("settings") or {}).get("split", {}).get("train") or []
-    fitted = f"the {len(train) or 9} HG1 train synchronous experiments (mode {doc.get('mode', '?')})"
-    return Calibration(c.label, physics_settings(physics, hardware=hardware, overhead_params={"per_layer_us": optimum}),
-                       f"HG1 optimum {optimum:g} µs/layer from {origin}", fitted,
-                       extra={"optimum_us": optimum, "hg1_mode": doc.get("mode")})
-
-
-def _find_best_overhead(doc: dict) -> tuple[str, dict, dict, str] | None:
-    """The best overhead model of the generalization studies: ``(model, params, estimator, label)``.
-
-    Reads the ``overhead_models`` kind's layout (``ranking[0]``: ``overhead``,
-    ``params`` of the fit on all experiments, which may hold jointly searched
-    physics such as ``bw_efficiency``; ``settings.estimator``), and tolerates a
-    ``best``/``best_model`` entry naming ``overhead_model`` and ``params``.
-    """
-    est = dict((doc.get("settings") or {}).get("estimator") or {})
-    ranking = doc.get("ranking")
-    if isinstance(ranking, list) and ranking and isinstance(ranking[0], dict):
-        top = min(ranking, key=lambda e: e.get("rank", 10**9)) if all("rank" in e for e in ranking) else ranking[0]
-        name, params = top.get("overhead"), top.get("params")
-        if isinstance(name, str) and name in OVERHEAD_MODELS and isinstance(params, dict):
-            return name, params, est, str(top.get("model", name))
-    for key in ("best", "best_model", "winner", "recommended"):
-        v = doc.get(key)
-        if isinstance(v, dict):
-            name = v.get("overhead_model") or v.get("overhead") or v.get("model")
-            params = v.get("params") or v.get("overhead_params")
-            if isinstance(name, str) and name in OVERHEAD_MODELS and isinstance(params, dict):
-                return name, params, dict(v.get("estimator") or est), name
-    return None
-
-
-def _overhead_models(c: CalibrationSpec, hardware: str) -> Calibration:
-    rel = c.results or OVERHEAD_MODELS_RESULTS
-    path = Path(rel)
+def _file(c: CalibrationSpec, hardware: str) -> Calibration:
+    path = Path(c.calibration)
     if not path.is_file():
-        return Calibration(c.label, None, str(rel), "-", available=False,
-                           note=f"{rel} does not exist yet (the generalization studies have not been run)")
-    doc = _read_json(path)
-    found = _find_best_overhead(doc) if doc else None
-    if found is None:
-        return Calibration(c.label, None, str(rel), "-", available=False,
-                           note=f"{rel} names no best overhead model with parameters")
-    name, params, est, label = found
-    ovh_names = set(_overhead_names(name))
-    try:
-        overhead = {k: float(v) for k, v in params.items() if k in ovh_names}
-        est = {**est, **{k: v for k, v in params.items() if k not in ovh_names}}
-        physics = estimator_physics(est) if est else {"variant": "v2.3"}
-        physics.update(c.physics)
-        settings = physics_settings(physics, hardware=hardware, overhead_model=name, overhead_params=overhead)
-    except (CalibError, TypeError, ValueError) as exc:
-        return Calibration(c.label, None, str(rel), "-", available=False, note=f"unusable: {exc}")
-    ranked = doc.get("ranked_by", "its ranking")
-    return Calibration(c.label, settings, f"rank-1 model `{label}` of {rel} (ranked by {ranked}; parameters "
-                       "of its fit on all experiments)",
-                       f"the {doc.get('mode', '?')}-mode synchronous experiments (see that study)",
-                       extra={"model": label, "mode": doc.get("mode")})
+        return Calibration(c.label, None, str(path), "-", available=False,
+                           note=f"{path} does not exist yet (run the study that writes it)")
+    return _from_file(c, hardware, path, f"calibration file {path}")
+
+
+def _study(c: CalibrationSpec, hardware: str) -> Calibration:
+    if c.calibration and Path(c.calibration).is_file():
+        return _from_file(c, hardware, Path(c.calibration), f"calibration file {c.calibration}")
+    from calib.resources import available_studies, study_file
+    from calib.studies.runner import run_study
+
+    study = None
+    if c.study:
+        study = Path(c.study) if Path(c.study).is_file() or c.study not in available_studies() else study_file(c.study)
+    if study is None or not study.is_file():
+        raise StudyError(f"neither the calibration file {c.calibration} nor the study {c.study!r} exists",
+                         field=f"calibrations.{c.label}")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_study(study, tmp, mode=c.mode, progress=False, report=False)
+        return _from_file(c, hardware, Path(tmp) / "calibration.yaml",
+                          f"study {c.study} run now ({Path(c.calibration).name if c.calibration else 'no file'} "
+                          "absent)")
 
 
 def _sync_grid(c: CalibrationSpec, hardware: str) -> Calibration:
@@ -288,10 +235,10 @@ def resolve_calibration(c: CalibrationSpec, hardware: str = "h100", ctx: RunCont
         cal = Calibration(c.label, physics_settings(c.physics, hardware=hardware, overhead_model=c.overhead_model,
                                                     overhead_params=c.overhead_params),
                           c.description or "fixed in the study file", "none (fixed values)")
-    elif c.source == "hg1":
-        cal = _hg1(c, hardware)
-    elif c.source == "overhead_models":
-        cal = _overhead_models(c, hardware)
+    elif c.source == "file":
+        cal = _file(c, hardware)
+    elif c.source == "study":
+        cal = _study(c, hardware)
     else:
         cal = _sync_grid(c, hardware)
     if cal.settings is not None:

@@ -11,9 +11,22 @@ missed target, a :func:`diagnose` in words) and the group summaries of
 Where the runs are
 ------------------
 ``data_dir`` of the study file; a relative path is taken from the current
-folder (the shipped study files give a path relative to the repository root:
-run ``calib reports`` from there).  Without ``data_dir`` the runs are looked
-for in ``$CALIB_DATA/batched``.
+folder.  Without ``data_dir`` (the shipped study files give none) the runs
+are looked for in ``$CALIB_DATA/batched`` (or ``$CALIB_DATA`` itself) when
+that variable is set, else in the shipped dataset: the 16 runs of
+``data/batched`` in calib's own format (``configs/datasets/loaded``,
+:func:`calib.replay.loaded.resolve_data_dir`), so the studies run from a
+wheel install.
+
+Nested calibration
+------------------
+The calibrating kinds (``batched_calibration``, ``physics``) share their
+study-file ``search`` and ``objective`` (:class:`LoadedSearch`,
+:class:`LoadedObjective`), their rows (:func:`stage_table`: the dense load
+stages, windowed for the searches and full for the held-out scores, split by
+:class:`SearchWindowSplit`) and the figures derived from a
+:func:`calib.calibrate.nested.nested_cross_validate` result
+(:func:`heldout_flags`, :func:`seed_agreement`, :func:`fit_on_all`).
 """
 
 from __future__ import annotations
@@ -22,10 +35,10 @@ import math
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from calib.errors import CalibError, StudyError
-from calib.metrics import APE_KEYS, mean_apes
+from calib.metrics import AGGREGATIONS, APE_KEYS, mean_apes
 from calib.replay.batched import BatchedReplay
 from calib.replay.loaded import GROUPS, LoadedRun, batch_profile, load_runs as _load_runs, run_report, scatter
 from calib.settings import Physics, Settings
@@ -34,7 +47,9 @@ from calib.studies.spec import Strict
 
 __all__ = ["TARGETS", "GROUPS", "PHYSICS_KEYS", "LoadedData", "check_physics", "physics_settings", "load_runs",
            "data_label", "settings_block", "output_rule_text", "run_entry", "without_scatter", "targets",
-           "diagnose", "aggregate", "group_summaries"]
+           "diagnose", "aggregate", "group_summaries", "STAGE_AGGREGATION", "OTHER_RUNS_RULE", "LoadedSearch",
+           "LoadedObjective", "loaded_space", "stage_table", "SearchWindowSplit", "heldout_flags", "seed_agreement",
+           "predict_rows", "group_figures", "fit_on_all", "dataset_block", "heldout_block", "CV_TEXT"]
 
 #: Issue 6 targets (fractions): held-out mean-TPOT and mean-E2E APE, mean-TTFT APE.
 TARGETS = {"tpot_mean_ms": 0.10, "e2e_mean_ms": 0.10, "ttft_mean_ms": 0.25}
@@ -74,7 +89,8 @@ class LoadedData(Strict):
     """Where the loaded-server runs are and how they are replayed (shared by the loaded-server studies).
 
     ``data_dir``: the folder of runs; relative to the current folder; default
-    ``$CALIB_DATA/batched``.  ``runs``: run folder names (default all).
+    ``$CALIB_DATA/batched`` when ``CALIB_DATA`` is set, else the shipped dataset.  ``runs``: run folder names
+    (default all).
     ``output_rule``, ``prefix``, ``cached_prefill_pi``, ``max_steps``: see
     :mod:`calib.data.traces` and :mod:`calib.replay.batched`.  ``hardware``:
     the hardware of every replay.  ``scatter_points``: per-request samples
@@ -106,8 +122,16 @@ def load_runs(spec: LoadedData, source: str = "") -> list[LoadedRun]:
 
 
 def data_label(value: str | None) -> str:
-    """How the data folder is recorded in results: as given, or ``$CALIB_DATA/batched`` (never machine-specific)."""
-    return "$CALIB_DATA/batched (default)" if value is None else str(value)
+    """How the data folder is recorded in results: as given, or the default in words (never machine-specific)."""
+    import os
+
+    from calib.resources import DATA_ENV
+
+    if value is not None:
+        return str(value)
+    if os.environ.get(DATA_ENV, ""):
+        return f"${DATA_ENV}/batched (default)"
+    return "shipped dataset configs/datasets/loaded (default)"
 
 
 def output_rule_text(runs: Sequence[LoadedRun]) -> dict:
@@ -317,3 +341,261 @@ def aggregate(entries: Sequence[dict]) -> dict:
 def group_summaries(entries: Sequence[dict]) -> dict:
     """``{group: aggregate}`` for the dense, MoE and overloaded runs (overloaded: reported apart)."""
     return {g: aggregate([e for e in entries if e["group"] == g]) for g in GROUPS}
+
+
+# ======================================================================================= nested calibration
+# What the calibrating kinds (batched_calibration, physics) share around calib.calibrate.nested: the study-file
+# search and objective, the stage rows (windowed for the searches, full for the scores), the outer splitter, and
+# the derived figures of their results (runaway held-out rows, seed agreement, the runs no fold holds).
+
+#: How the held-out APEs of load stages are aggregated (named in results and in every table header).
+STAGE_AGGREGATION = (AGGREGATIONS["run_of_stages"] + ", pooled over the outer folds (every dense run is held out "
+                     "once per seed); predictions and measurements are means over the stage's requests")
+#: The rule for the runs no fold holds.
+OTHER_RUNS_RULE = ("the mixture-of-experts and overloaded runs are in no fold: each is predicted by fits on every "
+                   "dense run (held out by construction); a variant without MoE support reports the run "
+                   "'unsupported' with the reason, and overloaded runs are reported apart from accuracy figures")
+#: Settings a loaded calibration may not search: the variant (it decides MoE support), hardware, replay options.
+_FIXED = ("physics.variant", "physics.hardware", "overhead.model")
+
+
+class LoadedSearch(Strict):
+    """The search of every candidate: algorithm, trials per seed and fit (default
+    :func:`calib.calibrate.search.budget` of the candidate's parameters), seeds, convergence tolerance, sampler
+    options, and ``window_s``: the searches replay the first ``window_s`` s of every load stage (``None``: full
+    traces); held-out scores always replay full traces."""
+
+    algorithm: Literal["tpe", "cmaes"] = "tpe"
+    n_trials: int | None = Field(default=None, ge=1, le=100_000)
+    seeds: int | list[int] = 5
+    tolerance: float = Field(default=0.005, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    window_s: float | None = Field(default=120.0, gt=0)
+
+    def make(self, n_trials: int | None = None):
+        """The :class:`~calib.calibrate.Search` (``n_trials`` overrides the study-wide budget)."""
+        from calib.calibrate import parse_search
+
+        return parse_search({"algorithm": self.algorithm, "n_trials": n_trials or self.n_trials, "seeds": self.seeds,
+                             "tolerance": self.tolerance, "options": self.options})
+
+    @model_validator(mode="after")
+    def _valid(self) -> "LoadedSearch":
+        try:
+            self.make()
+        except CalibError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
+class LoadedObjective(Strict):
+    """Search loss: the weighted mean over metrics of the run-weighted mean capped APE of the stage means."""
+
+    weights: dict[Literal["ttft", "tpot", "e2e"], float] = Field(
+        default_factory=lambda: {"tpot": 1.0, "e2e": 1.0, "ttft": 0.5})
+    cap: float | None = Field(default=2.0, gt=0)
+
+    def parse(self):
+        """The :class:`~calib.calibrate.Objective`."""
+        from calib.calibrate import Objective
+
+        return Objective.parse({"weights": dict(self.weights), "cap": self.cap})
+
+    @model_validator(mode="after")
+    def _valid(self) -> "LoadedObjective":
+        try:
+            self.parse()
+        except CalibError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+
+def loaded_space(raw: Mapping[str, Any], base: Settings, where: str) -> dict:
+    """A candidate's search space (``{low, high[, log]}`` or ``{choices: [...]}`` per settings parameter), checked
+    against its settings ``base``; a ValueError naming ``where`` otherwise."""
+    from calib.calibrate import make_space
+
+    try:
+        space = make_space(raw, base)
+    except CalibError as exc:
+        raise ValueError(f"{where}: {exc.message}") from None
+    bad = [k for k in space if k in _FIXED or (k.startswith("replay.") and k != "replay.request_latency_ms")]
+    if bad:
+        raise ValueError(f"{where}: {bad[0]} cannot be searched (fixed per candidate, or no loaded-replay setting)")
+    return space
+
+
+def stage_table(spec: LoadedData, window_s: float | None, source: str = ""):
+    """``(X, others)``: the load stages of the dense runs and those of the other runs.
+
+    ``X`` holds every dense stage in full (scored) and, with ``window_s``, the
+    same stages cut to their first ``window_s`` s (fitted; row ``<run>:<stage>@<w>s``, ``window_s`` set), as
+    :func:`calib.replay.loaded.load_stages` writes them.  ``others``: the full stages of the MoE and overloaded runs.
+    """
+    import pandas as pd
+
+    from calib.replay.loaded import load_stages
+
+    def read(w):
+        try:
+            return load_stages(spec.data_dir, spec.runs, window_s=w, output_rule=spec.output_rule)
+        except CalibError as exc:
+            if exc.file is None and exc.field in ("data_dir", "runs"):
+                raise StudyError(exc.message, file=source or None, field=exc.field) from None
+            raise
+
+    full = read(None)
+    dense = full[full["group"] == "dense"]
+    if dense["model"].nunique() < 2:
+        raise StudyError("leave-one-model-out needs dense runs of at least two models", file=source or None,
+                         field="runs")
+    others = full[full["group"] != "dense"]
+    if window_s is None:
+        return dense, others
+    win = read(window_s)
+    win = win[win["group"] == "dense"]
+    win.index = [f"{i}@{window_s:g}s" for i in win.index]
+    X = pd.concat([win, dense])
+    X.attrs["skipped"] = full.attrs.get("skipped", []) + win.attrs.get("skipped", [])
+    return X, others
+
+
+class SearchWindowSplit:
+    """Leave one group out, fitting on the windowed rows of the other groups and scoring the group's full rows.
+
+    Rows with a ``window_s`` (:func:`stage_table`) are fitted, rows without one are scored; when no row has a
+    window every row is both, and this is ``LeaveOneGroupOut``.  Groups in sorted order.
+    """
+
+    def split(self, X, y=None, groups=None):
+        windowed = X["window_s"].notna().to_numpy()
+        fit = windowed if windowed.any() else np.ones(len(X), bool)
+        labels = np.asarray(groups).astype(str)
+        for g in np.unique(labels[~windowed]):
+            yield np.flatnonzero(fit & (labels != g)), np.flatnonzero(~windowed & (labels == g))
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return len(np.unique(np.asarray(groups).astype(str)[X["window_s"].isna().to_numpy()]))
+
+
+def _estimator(calibrator, params: Mapping[str, Any]):
+    """The calibrator's estimator at ``params`` (qualified names), unfitted."""
+    from sklearn.base import clone
+
+    from calib.settings import flat_name
+
+    return clone(calibrator.estimator).set_params(**{flat_name(k): v for k, v in params.items()})
+
+
+def heldout_flags(candidates, nested, X) -> list[dict]:
+    """The held-out stages whose replay saturated, per (fold, seed, candidate): ``runaway`` when the measured
+    stage stayed stable (:func:`calib.replay.loaded.saturation`); replayed again at each record's parameters."""
+    named, out = dict(candidates), []
+    for r in nested.records:
+        rows = X.loc[[row["row"] for row in r["rows"]]]
+        pred = _estimator(named[r["candidate"]], r["params"]).fit(rows).predict_all(rows)
+        out += [{"fold": r["fold"], "seed": r["seed"], "candidate": r["candidate"], "row": str(i),
+                 "run": str(rows.at[i, "run"]), "runaway": bool(pred.at[i, "runaway"])}
+                for i in rows.index if pred.at[i, "saturated"]]
+    return out
+
+
+def seed_agreement(nested, tolerance: float) -> list[dict]:
+    """Per outer fold and candidate: the spread over seeds of the train loss, and whether the seeds agree within
+    ``tolerance`` (the search's convergence rule; None with one seed)."""
+    from calib.calibrate.nested import spread
+
+    out = []
+    for f in nested.folds:
+        for c in nested.candidates:
+            losses = [r["train_loss"] for r in nested.records if (r["fold"], r["candidate"]) == (f["fold"], c)]
+            out.append({"fold": f["fold"], "test_groups": f["test_groups"], "candidate": c,
+                        "train_loss": spread(losses),
+                        "converged": None if len(losses) < 2 else bool(max(losses) - min(losses) <= tolerance)})
+    return out
+
+
+def predict_rows(estimator, rows) -> list[dict]:
+    """Measured and predicted stage means of ``rows`` under ``estimator`` (a LoadedRegressor), with APEs and
+    saturation; a model the variant cannot time is a row ``supported: False`` with the reason."""
+    from calib.estimators.loaded import LoadedRegressor
+    from calib.metrics import METRICS
+    from calib.replay.loaded import supports
+
+    variant = estimator.settings().physics.variant
+    ok = {m: supports(m, variant) for m in rows["model"].astype(str).unique()}
+    good = rows[[ok[str(m)][0] for m in rows["model"]]]
+    pred = estimator.fit(good).predict_all(good) if len(good) else None
+    meas, out = LoadedRegressor.measured(rows), []
+    for i, r in rows.iterrows():
+        entry = {"row": str(i), "run": str(r["run"]), "model": str(r["model"]), "group": str(r["group"]),
+                 "stage": int(r["stage"]), "rate": float(r["rate"]),
+                 "measured": {m: float(meas.at[i, m]) for m in METRICS}}
+        supported, why = ok[str(r["model"])]
+        if not supported:
+            out.append({**entry, "supported": False, "note": f"unsupported: {why}", "predicted": None, "ape": None,
+                        "saturated": None, "runaway": None})
+            continue
+        p = {m: float(pred.at[i, m]) for m in METRICS}
+        out.append({**entry, "supported": True, "note": "", "predicted": p,
+                    "ape": {m: abs(p[m] - entry["measured"][m]) / entry["measured"][m] for m in METRICS},
+                    "saturated": bool(pred.at[i, "saturated"]), "runaway": bool(pred.at[i, "runaway"])})
+    return out
+
+
+def group_figures(rows: Sequence[dict]) -> dict:
+    """``{group: {metric: mean APE over runs}}`` of :func:`predict_rows` entries (supported rows; a run's stages
+    weigh 1 / stages, as :data:`STAGE_AGGREGATION`)."""
+    from calib.metrics import METRICS, group_weights
+
+    out = {}
+    for g in sorted({r["group"] for r in rows if r["supported"]}):
+        sel = [r for r in rows if r["group"] == g and r["supported"]]
+        w = group_weights([r["run"] for r in sel])
+        out[g] = {m: float(np.average([r["ape"][m] for r in sel], weights=w)) for m in METRICS}
+    return out
+
+
+def fit_on_all(calibrator, X, others) -> dict:
+    """Fit ``calibrator`` (every seed of its search) on the rows ``X``; per seed its best parameters, best-so-far
+    curve and the predictions of ``others`` (:func:`predict_rows`), and per group the spread over seeds."""
+    from sklearn.base import clone
+
+    from calib.calibrate.nested import spread
+    from calib.metrics import METRICS
+
+    fitted = clone(calibrator).fit(X)
+    seeds = [{"seed": s["seed"], "best_loss": s["best_loss"], "params": s["best_params"], "curve": s["curve"],
+              "other_runs": predict_rows(_estimator(calibrator, s["best_params"]), others)}
+             for s in fitted.search_result_.seeds]
+    figures = [group_figures(s["other_runs"]) for s in seeds]
+    groups = sorted(set().union(*figures)) if figures else []
+    return {"params": fitted.best_params_, "train_loss": fitted.best_loss_, "converged": fitted.converged_,
+            "study": fitted.study_name_, "seeds": seeds,
+            "other_runs": {g: {m: spread([f[g][m] for f in figures]) for m in METRICS} for g in groups}}
+
+
+def dataset_block(spec: LoadedData, X, others, runs: Sequence[LoadedRun], window_s: float | None) -> dict:
+    """What the rows of a nested calibration were (results ``dataset``)."""
+    windowed = X["window_s"].notna()
+    return {"data_dir": data_label(spec.data_dir), "dense_runs": sorted(X["run"].unique()),
+            "other_runs": {g: sorted(others.loc[others["group"] == g, "run"].unique()) for g in ("moe", "overloaded")},
+            "models": sorted(X["model"].unique()), "window_s": window_s,
+            "search_rows": int(windowed.sum()) if window_s else len(X), "heldout_rows": int((~windowed).sum()),
+            "skipped": X.attrs.get("skipped", []), "output_rule": output_rule_text(runs),
+            "other_runs_rule": OTHER_RUNS_RULE}
+
+
+def heldout_block(summary: dict) -> dict:
+    """The nested selection's held-out figures as a calibration file records them (metric -> median, min, max)."""
+    return {"scheme": f"nested: outer leave-one-model-out, inner SelectBest (leave-one-model-out); median [min, max] "
+                      f"over {len(summary['seeds'])} seeds", "aggregation": STAGE_AGGREGATION,
+            **{f"{m}_mape": {k: h[k] for k in ("median", "min", "max")}
+               for m, h in summary["selected"]["heldout"].items()}}
+
+
+#: How the calibrating kinds split (results ``settings``).
+CV_TEXT = {"outer_cv": "leave-one-model-out over the dense runs (fit: windowed stages of the other models; score: "
+                       "full stages of the held-out model)",
+           "inner_cv": "SelectBest: LeaveOneGroupOut by model on the training models' windowed stages (KFold(3) "
+                       "over stages when one model remains)"}

@@ -14,10 +14,12 @@ against its ``Results`` schema before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from calib.calibrate.trials import recording
@@ -29,22 +31,41 @@ from calib.studies.spec import load_study_file
 from calib.studies.storage import check_shareable
 from calib.studies.workers import run_worker
 
-__all__ = ["run_study", "run_worker", "write_results"]
+__all__ = ["run_study", "run_worker", "write_results", "write_atomic"]
 
 
-def write_results(results: dict, out_dir: Path) -> Path:
-    """``results.json`` with a fixed layout (same results, same bytes), replaced atomically."""
-    path = Path(out_dir) / "results.json"
-    text = json.dumps(results, indent=1, allow_nan=True) + "\n"  # indent 1 keeps large reports under 2 MB
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=path.parent)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``path`` through a temporary file in its folder and a rename.
+
+    A reader, a crash or Ctrl-C sees the old file or the new one, never half
+    of one; a symbolic link at ``path`` is replaced, never followed (nothing
+    is written out of the folder through it).  The file is readable as the
+    umask allows (0644 usually), like any file the user writes.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results(results: dict, out_dir: Path) -> Path:
+    """``results.json`` with a fixed layout (same results, same bytes), replaced atomically."""
+    text = json.dumps(results, indent=1, allow_nan=True) + "\n"  # indent 1 keeps large reports under 2 MB
+    return write_atomic(Path(out_dir) / "results.json", text)
 
 
 def _record_samplers(results: dict, log: list[dict]) -> None:
@@ -123,7 +144,11 @@ def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report
     if workers > 1 and hasattr(storage, "engine"):
         storage.engine.dispose()  # forked workers must not inherit this process's database connections
     kind = KINDS[spec.kind]
-    with recording() as log:
+    started = time.monotonic()
+    if progress:
+        print(f"calib: study {spec.name} ({spec.kind}{f', {mode} mode' if mode else ''}) -> {ctx.out_dir}; storage "
+              f"{ctx.storage_label}", file=sys.stderr)
+    with recording() as log, storage_errors(ctx):
         if workers > 1:
             from calib.studies.workers import WorkerPool
 
@@ -135,15 +160,48 @@ def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report
     if workers > 1 and not log:
         print(f"calib: note: study kind {spec.kind!r} has no search that workers share; the {workers - 1} extra "
               "worker(s) repeated the lead's work", file=sys.stderr)
+    line = resume_line(spec.name, log, ctx.storage_label) if workers == 1 else None
+    if line:
+        print(line, file=sys.stderr)
     check_results(kind, results)
     _record_samplers(results, log)
     results = {**_envelope(spec, results, log), **results}
-    write_results(results, ctx.out_dir)
-    if report:
-        from calib.reporting import write_report
+    from calib.reporting import commit, render_report, staging
 
-        write_report(results, ctx.out_dir)
+    with staging(ctx.out_dir) as stage:  # results and report move into place together, or not at all
+        write_results(results, stage)
+        if report:
+            render_report(results, stage)
+        commit(stage, ctx.out_dir, last=("REPORT.md", "results.json"))
+    if progress:
+        print(f"calib: study {spec.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return results
+
+
+def resume_line(name: str, log: list[dict], storage: str) -> str | None:
+    """``resumed N of M trials`` when some searches of the run found completed trials, else None."""
+    searches = [e for e in log if e.get("complete_at_start") is not None]
+    before = sum(e["complete_at_start"] for e in searches)
+    if not before:
+        return None
+    total = sum(e["trials"] for e in searches)
+    evaluated = sum(e.get("evaluated", 0) for e in searches)
+    return (f"calib: study {name} resumed {before} of {total} trials from the storage ({storage}); "
+            f"{evaluated} evaluated in this run")
+
+
+@contextlib.contextmanager
+def storage_errors(ctx: RunContext):
+    """Turn a storage failure that escapes a kind (the searches retry theirs) into one line naming the storage."""
+    try:
+        yield
+    except Exception as exc:
+        from calib.errors import CalibError
+        from calib.studies.storage import is_storage_error, storage_error
+
+        if isinstance(exc, CalibError) or not is_storage_error(exc):
+            raise
+        raise storage_error(exc, ctx.storage) from None
 
 
 def _envelope(spec, results: dict, log: list[dict]) -> dict:

@@ -25,6 +25,7 @@ the machine), and calib writes the file under an ``flock`` (see
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import time
@@ -51,6 +52,11 @@ __all__ = [
     "open_storage",
     "mask_url",
     "scrub",
+    "repair_journal",
+    "storage_label",
+    "is_storage_error",
+    "is_transient",
+    "storage_error",
 ]
 
 #: Seconds between two heartbeats of a worker evaluating a trial.
@@ -64,6 +70,9 @@ JOURNAL_FILE = "optuna.journal"
 SQLITE_FILE = "optuna.db"
 
 _HEARTBEAT_KEY = "calib:heartbeat"
+#: The trial user attribute naming the worker (``host:pid``) that evaluates it (see :mod:`calib.calibrate.trials`).
+WORKER_KEY = "calib:worker"
+_logger = logging.getLogger(__name__)
 
 
 def default_storage_url(out_dir: str | Path, workers: int = 1) -> str:
@@ -179,6 +188,29 @@ def scrub(text: str, url: str | None) -> str:
     return text
 
 
+class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a stale trial, with the dead worker's name (``calib:worker``) left off the copy: the
+    copy belongs to whichever worker takes it, and is never mistaken for a trial of the dead one."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        import copy
+
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != WORKER_KEY}
+        super().__call__(study, trial)
+
+
+def heartbeat_time(trial: optuna.trial.FrozenTrial) -> float:
+    """Unix time of a journal-file trial's last sign of life: its last heartbeat, else its start."""
+    try:
+        last = float(trial.system_attrs.get(_HEARTBEAT_KEY, 0.0) or 0.0)
+    except (TypeError, ValueError):
+        last = 0.0
+    if trial.datetime_start is not None:
+        last = max(last, trial.datetime_start.timestamp())
+    return last
+
+
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """Optuna's journal storage with the heartbeat that ``RDBStorage`` has.
 
@@ -201,7 +233,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
                  stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None):
         super().__init__(backend)
         self._heartbeat_interval = int(heartbeat_interval)
-        self._grace_period = int(grace_period)
+        self.grace_period = int(grace_period)
         self._stale_trial_callback = stale_trial_callback
 
     def record_heartbeat(self, trial_id: int) -> None:
@@ -211,14 +243,17 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             pass  # finished meanwhile (or failed as stale by another worker): nothing to keep alive
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's hook for :func:`optuna.storages.fail_stale_trials`: the ids of stale ``RUNNING`` trials.
+
+        A trial without any heartbeat (its worker died between taking it and its first beat) counts from its
+        start, so it is found stale too.  Ids come from the public storage API (trial number -> id).
+        """
         now = time.time()
         stale = []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            last = float(t.system_attrs.get(_HEARTBEAT_KEY, 0.0) or 0.0)
-            if t.datetime_start is not None:
-                last = max(last, t.datetime_start.timestamp())
-            if now - last > self._grace_period:
-                stale.append(t._trial_id)
+            last = heartbeat_time(t)
+            if now - last > self.grace_period:
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, t.number))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:
@@ -249,6 +284,19 @@ def _fast_sqlite(engine) -> None:
 
     sqlalchemy.event.listen(engine, "connect", pragmas)
     engine.dispose()  # connections opened while the tables were made get the pragmas too
+
+
+def _check_sqlite(engine, url: str) -> None:
+    """``PRAGMA quick_check``: a SQLite file with damaged pages is refused when opened, in one line, instead of
+    failing somewhere in the middle of a study."""
+    import sqlalchemy
+
+    with engine.connect() as conn:
+        rows = [r[0] for r in conn.execute(sqlalchemy.text("PRAGMA quick_check(3)"))]
+    if rows != ["ok"]:
+        problem = "; ".join(" ".join(str(r).split()) for r in rows)[:200]
+        raise StudyError(f"storage {mask_url(url)} is damaged (SQLite quick_check: {problem}); move it away to "
+                         "start over, or restore it from a backup", field="storage")
 
 
 class _FlockLock:
@@ -284,6 +332,57 @@ class _FlockLock:
         self.release()
 
 
+def repair_journal(path: str | Path) -> int:
+    """Cut a journal file back to its last whole record; returns the number of bytes removed.
+
+    A power cut (or a full disk) can leave the last record of ``optuna.journal``
+    half written: a line without its newline, or a line that is not JSON (a
+    block of NUL bytes after a crash of the file system).  Optuna would then
+    fail on every later read, since the next append continues the broken line.
+    Only such a damaged *end* is cut (the trials it held are evaluated again);
+    a damaged record followed by whole ones is refused with a
+    :class:`~calib.errors.StudyError`, since cutting it would lose trials that
+    later records refer to.  Call with the file's lock held.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    good, bad_at, pos = 0, None, 0  # end of the last whole record; start of the first damaged one
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.endswith(b"\n") and _is_record(line, json):
+                if bad_at is not None:
+                    raise StudyError(f"journal file damaged at byte {bad_at}, with whole records after it; restore "
+                                     "it from a backup or start the study over in another folder", file=path,
+                                     field="storage")
+                good = pos + len(line)
+            elif bad_at is None:
+                bad_at = pos
+            pos += len(line)
+    if good < size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _logger.warning("calib: %s: cut %d bytes of a half-written last record (a crash or power cut while it was "
+                        "written); the trials it held are evaluated again", path, size - good)
+    return size - good
+
+
+def _is_record(line: bytes, json) -> bool:
+    line = line.strip()
+    if not line:
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def _journal_backend(path: str):
     """Optuna's journal file, written under an ``flock`` and without ``fsync``.
 
@@ -305,6 +404,8 @@ def _journal_backend(path: str):
             self._calib_path = file_path
             self._calib_lock = _FlockLock(file_path)
             super().__init__(file_path, lock_obj=self._calib_lock)
+            with self._calib_lock:
+                repair_journal(file_path)
 
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
             text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
@@ -312,6 +413,92 @@ def _journal_backend(path: str):
                 fh.write(text.encode("utf-8"))
 
     return JournalFile(path)
+
+
+def storage_label(storage) -> str:
+    """How a storage is named in errors: its masked URL, or ``journal:PATH``."""
+    label = getattr(storage, "calib_label", None) or getattr(storage, "url", None)
+    return mask_url(str(label)) if label else type(storage).__name__
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the storage: its database driver, SQLAlchemy, Optuna's storage layer."""
+    for e in _chain(exc):
+        mod = type(e).__module__ or ""
+        if mod.startswith(("sqlalchemy", "sqlite3", "psycopg", "pymysql", "MySQLdb")):
+            return True
+        if isinstance(e, optuna.exceptions.StorageInternalError):
+            return True
+    return False
+
+
+#: Words of a driver's message that say the connection was lost or the database busy, not that it is wrong.
+_LOST = ("server closed the connection", "connection reset", "terminating connection", "connection already closed",
+         "could not receive data", "could not send data", "ssl syscall", "eof detected", "broken pipe",
+         "timeout", "timed out", "database is locked", "the database system is starting up",
+         "the database system is shutting down", "connection not open", "lost connection", "gone away",
+         "cursor already closed", "no connection to the server")
+#: The same for a server that is not (yet, or again) accepting connections.
+_DOWN = ("connection refused", "could not connect to server", "is the server running")
+
+
+def is_transient(exc: BaseException, opening: bool = False) -> bool:
+    """Whether a storage error may go away by itself: a lost connection, a busy database, a server restart.
+
+    A damaged database (``database disk image is malformed``), a wrong
+    password or a missing table is not: retrying cannot help.  While the
+    storage is being opened, a server that refuses connections counts as a
+    wrong URL (one line at once), not as a restart.
+    """
+    for e in _chain(exc):
+        mod = type(e).__module__ or ""
+        if getattr(e, "connection_invalidated", False):
+            return True
+        if mod.startswith(("sqlalchemy", "sqlite3", "psycopg", "pymysql", "MySQLdb")):
+            text = str(e).lower()
+            if any(w in text for w in ("malformed", "not a database", "authentication", "password")):
+                return False
+            if any(w in text for w in _LOST) or (not opening and any(w in text for w in _DOWN)):
+                return True
+            if type(e).__name__ in ("DisconnectionError", "PendingRollbackError"):
+                return True
+    return False
+
+
+def error_reason(exc: BaseException, storage=None) -> str:
+    """The first line of the clearest message in ``exc``'s chain (the driver's), password scrubbed."""
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None)
+    reason = ""
+    for e in _chain(exc):
+        text = scrub(str(e), url) if url else str(e)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        if first and not first.startswith("An exception is raised during the commit"):
+            first = re.sub(r"^\([\w.]+\) ", "", first)  # SQLAlchemy's "(psycopg2.OperationalError) " prefix
+            reason = f"{type(e).__name__}: {first}"
+            if (type(e).__module__ or "").startswith(("sqlite3", "psycopg", "pymysql")):
+                break  # the driver's own words are the clearest
+    reason = reason or type(exc).__name__
+    return reason if len(reason) <= 300 else reason[:300] + "..."
+
+
+def storage_error(exc: BaseException, storage, attempts: int = 0, seconds: float = 0.0) -> StudyError:
+    """A one-line :class:`StudyError` for a storage failure (the password masked, the driver's first line)."""
+    label = storage_label(storage)
+    reason = error_reason(exc, storage)
+    if attempts:
+        return StudyError(f"lost the storage {label} (still failing after {attempts} retries over {seconds:.0f} s): "
+                          f"{reason}", field="storage")
+    what = "is damaged" if any(w in reason.lower() for w in ("malformed", "not a database", "corrupt")) \
+        else "failed"
+    return StudyError(f"storage {label} {what}: {reason}", field="storage")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -349,36 +536,47 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
                           "grace_period")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
+        retry = _RetryStaleTrial(max_retry=STALE_RETRIES)
         if url.startswith("journal:"):
             path = Path(url.removeprefix("journal:")).expanduser()
             if not path.parent.is_dir():
                 raise StudyError("folder of the journal file does not exist", file=path, field="storage")
             try:
-                return HeartbeatJournalStorage(_journal_backend(str(path)), interval, grace, retry)
+                storage = HeartbeatJournalStorage(_journal_backend(str(path)), interval, grace, retry)
             except (OSError, ValueError) as exc:
-                raise StudyError(f"cannot open journal file ({exc})", file=path, field="storage") from None
+                raise StudyError(f"cannot open journal file ({exc.strerror if isinstance(exc, OSError) else exc})",
+                                 file=path, field="storage") from None
+            storage.calib_label = f"journal:{path}"
+            return storage
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}  # several local processes may wait for the write lock
         elif "://" in url:
             kwargs["pool_pre_ping"] = True  # a database server restart does not break a long study
-        for attempt in range(3):
+        delays = (0.5, 1.0, 2.0, 4.0)
+        for attempt in range(len(delays) + 1):
             try:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,
                                                      grace_period=grace, heartbeat_stale_trial_callback=retry)
                 if url.startswith("sqlite"):
                     _fast_sqlite(storage.engine)
+                    _check_sqlite(storage.engine, url)
                 return storage
+            except StudyError:
+                raise
             except ImportError as exc:
                 raise StudyError(f"cannot open storage {mask_url(url)}: missing database driver "
                                  f"({scrub(str(exc), url)})", field="storage") from None
             except Exception as exc:  # SQLAlchemy ArgumentError/OperationalError/IntegrityError, ValueError, ...
-                from sqlalchemy.exc import ArgumentError
+                from sqlalchemy.exc import ArgumentError, IntegrityError
 
-                if attempt < 2 and not isinstance(exc, (ArgumentError, ValueError)):
-                    time.sleep(0.5 * (attempt + 1))  # workers creating the tables of a new database at once
+                # a lost connection, or workers creating the tables of a new database at once (IntegrityError)
+                again = is_transient(exc, opening=True) or isinstance(exc, IntegrityError) or (
+                    attempt < 2 and not isinstance(exc, (ArgumentError, ValueError)) and not is_storage_error(exc))
+                if attempt < len(delays) and again:
+                    time.sleep(delays[attempt])
                     continue
-                first = scrub(str(exc), url).strip().splitlines()
-                reason = first[0] if first else type(exc).__name__
-                raise StudyError(f"cannot open storage {mask_url(url)}: {reason}", field="storage") from None
+                reason = error_reason(exc, url)
+                what = "is damaged" if any(w in reason.lower() for w in ("malformed", "not a database")) else \
+                    "cannot be opened"
+                raise StudyError(f"storage {mask_url(url)} {what}: {reason}", field="storage") from None

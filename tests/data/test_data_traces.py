@@ -148,3 +148,18 @@ def test_missing_files_and_list_traces(tmp_path, builders):
     (folder / "ground_truth.json").unlink()
     builders.expect_error(lambda: load_trace(folder), "ground_truth.json", "file not found")
     builders.expect_error(lambda: list_traces(tmp_path / "nope"), "nope", "not a folder")
+
+
+def test_a_kv_cache_too_small_for_every_request_is_refused():
+    import numpy as np
+
+    from calib.data.traces import Stage, assemble_trace
+    from calib.errors import DataError
+
+    args = dict(arrival_us=np.array([0, 10]), input_tokens=np.array([5, 60]), output_recorded=np.array([3, 3]),
+                ttft_ms=np.array([1.0, 1.0]), e2e_ms=np.array([5.0, 9.0]), request_index=np.array([0, 1]),
+                stages=(Stage(1.0, 2.0),), output_rule="profile", output_len=3, name="t", model="m", tp=1,
+                max_num_seqs=1, max_num_batched_tokens=8, block_size=16, profile="p", overloaded=False, excluded=0)
+    assert len(assemble_trace(**args, kv_blocks=1).requests) == 2  # 16 tokens hold 5 + 3: the other is rejected
+    with pytest.raises(DataError, match="kv_blocks_total_gpu.*cannot hold even the shortest request"):
+        assemble_trace(**{**args, "block_size": 4}, kv_blocks=1, file="requests.json")

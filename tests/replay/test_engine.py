@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from calib.errors import ConfigError
-from calib.physics import StepBatch, StepModel
+from calib.physics import StepModel
 from calib.physics.overhead import BatchLinear, PerLayer, PrefillDecodeSplit
 from calib.replay.engine import SchedulerConfig, StepTimer, _Engine, _FastEngine, run_engine
 
@@ -283,13 +283,15 @@ def _same(a, b):
             and all(np.array_equal(a.steps[k], b.steps[k]) for k in b.steps))
 
 
-@pytest.mark.parametrize("variant", ["v2.3", "v2.4", "per_request"])
+@pytest.mark.parametrize("variant", ["v2.3", "v2.4", "per_request", "v3", "v3-mixtral"])
 def test_fast_engine_equals_straightforward_engine(variant):
     if variant == "per_request":
         sm = StepModel.build("llama-2-7b-hf", 2, decode_attention="per_request")
+    elif variant == "v3-mixtral":
+        sm = StepModel.build("mixtral-8x7b-v0.1", 2, variant="v3")
     else:
         sm = StepModel.build("qwen2.5-7b-instruct", 1, variant=variant)
-    rng = np.random.default_rng({"v2.3": 1, "v2.4": 2, "per_request": 3}[variant])
+    rng = np.random.default_rng({"v2.3": 1, "v2.4": 2, "per_request": 3, "v3": 4, "v3-mixtral": 5}[variant])
     preemptions = 0
     for _ in range(25):
         arr, inp, out, cfg, pre, grp = _random_case(rng)
@@ -326,64 +328,27 @@ def test_plain_timer_equals_fast_timer(sm):
 
 
 # ------------------------------------------------------------------------------ the step times
+# (FastSteps against StepModel.parts step by step: tests/physics/test_fast.py)
 
 
-@pytest.mark.parametrize("opts", [
-    {"variant": "v2.3"},
-    {"variant": "v2.4"},
-    {"variant": "v2.3", "mixed_rule": "additive"},
-    {"variant": "v2.3", "mixed_rule": "max", "prefill_attention": "actual", "mfu_rule": "interp"},
-    {"variant": "v2.4", "decode_attention": "max_context", "gemm_mfu_scale": 1.3, "mfu_floor": 0.05},
-    {"variant": "v2.3", "decode_attention": "per_request", "bw_efficiency": 0.9},
-])
-def test_fast_step_times_equal_hardware_time(opts):
-    sm = StepModel.build("llama-2-7b-hf", 2, **opts)
-    f = sm.fast
-    rng = np.random.default_rng(0)
-    for _ in range(150):
-        n_p = int(rng.integers(0, 4))
-        q = int(rng.integers(0, 40)) if rng.random() < 0.7 else int(rng.integers(0, 3))
-        if n_p + q == 0:
-            q = 1
-        p_pi = rng.integers(0, 5000, n_p).tolist()
-        p_n = rng.integers(1, 3000, n_p).tolist()
-        if n_p and rng.random() < 0.2:
-            p_n[0] = 1
-        d = rng.integers(1, 9000, q).tolist()
-        ref = float(sm.parts(StepBatch.single(list(zip(p_pi, p_n)), d)).hardware_s[0] * 1e6)
-        got = f.step_hw_us(p_pi, p_n, d_pis=d)
-        # bit-identical except the closed-form decode byte sum of q > 1 requests (an ulp or so)
-        assert got == ref if q <= 1 else got == pytest.approx(ref, rel=1e-14)
-    for _ in range(20):
-        q, k = int(rng.integers(1, 30)), int(rng.integers(1, 40))
-        pis = rng.integers(1, 6000, q)
-        steps = np.repeat(np.arange(k), q)
-        dpi = (pis[None, :] + np.arange(k)[:, None]).reshape(-1)
-        e = np.zeros(0, np.int64)
-        ref = sm.parts(StepBatch(k, e, e, e, steps, dpi)).hardware_s * 1e6
-        got = f.decode_run_pr_hw_us(pis, k)
-        np.testing.assert_allclose(got, ref, rtol=1e-14)
-        if f.aggregate:  # scalar and vectorised decode steps agree exactly
-            scal = [f.decode_hw_us(q, int(pis.max()) + j, int(pis.sum()) + q * j) for j in range(k)]
-            assert np.array_equal(scal, got)
-
-
-def test_solo_decode_row_is_bit_identical(sm):
-    pis = np.arange(1, 3000, 7)
-    ref = sm.parts(StepBatch.solo_decode(pis)).hardware_s * 1e6
-    assert np.array_equal(sm.fast.solo_decode_row(int(pis.max()))[pis], ref)
-
-
-def test_v3_falls_back_to_step_model():
-    sm = StepModel.build("llama-2-7b-hf", 1, variant="v3")
-    assert not sm.fast.scalar
-    batch = StepBatch.single([(0, 300)], [700, 900])
-    ref = float(sm.parts(batch).hardware_s[0] * 1e6)
-    assert sm.fast.step_hw_us([0], [300], d_pis=[700, 900]) == ref
-    res, _ = run_engine(StepTimer(sm, PerLayer(50.0)), [0, 20_000], [300, 900], [20, 10], SchedulerConfig())
-    ref_res, _ = run_engine(StepTimer(sm, PerLayer(50.0), fast=False), [0, 20_000], [300, 900], [20, 10],
-                            SchedulerConfig(), fast=False)
+@pytest.mark.parametrize("name, model, tp", [("v3", "llama-2-7b-hf", 1), ("v3", "mixtral-8x7b-v0.1", 2),
+                                             ("v2.4", "llama-2-7b-hf", 1)])
+def test_every_variant_runs_the_aggregate_path(name, model, tp):
+    """v3 (dense and MoE) and v2.4 have a fast path too; it equals the plain timer step for step."""
+    sm = StepModel.build(model, tp, variant=name)
+    timer = StepTimer(sm, PerLayer(50.0))
+    assert timer.aggregate and sm.fast.kind is not None
+    arr, inp, out = [0, 20_000, 25_000], [300, 900, 1500], [20, 10, 40]
+    cfg = SchedulerConfig(record_steps=True)
+    res, _ = run_engine(timer, arr, inp, out, cfg)
+    ref_res, _ = run_engine(StepTimer(sm, PerLayer(50.0), fast=False), arr, inp, out, cfg, fast=False)
     assert _same(res, ref_res)
+    assert res.steps["batch_size"].max() == 3
+
+
+def test_timer_has_no_memo_parameter(sm):
+    with pytest.raises(TypeError):
+        StepTimer(sm, PerLayer(1.0), {})
 
 
 def test_timer_overhead_memo_and_prime(sm):

@@ -66,9 +66,10 @@ def test_data_dir_explicit_relative_and_from_the_environment(root, tmp_path, mon
 
 
 def test_data_dir_errors(tmp_path, monkeypatch):
+    from calib.data.runs import shipped_dir
+
     monkeypatch.delenv("CALIB_DATA", raising=False)
-    with pytest.raises(ConfigError, match="data_dir.*CALIB_DATA"):
-        resolve_data_dir()
+    assert resolve_data_dir() == shipped_dir()  # no folder and no CALIB_DATA: the dataset shipped with calib
     with pytest.raises(DataError, match="data_dir: loaded-server data folder .* not found"):
         resolve_data_dir(tmp_path / "nowhere")
     with pytest.raises(DataError, match="no run"):

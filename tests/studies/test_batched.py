@@ -1,7 +1,10 @@
 """Loaded-server studies (batched_validation, batched_calibration, physics) on tiny synthetic runs.
 
 The synthetic runs have the ``data/batched/`` layout (requests.json, ground_truth.json, profile.yaml,
-exp-config.yaml) with a few dozen short requests, so every study runs end to end in seconds.
+exp-config.yaml) with a few dozen short requests, so every study runs end to end in seconds.  The calibrating
+kinds run with two seeds, three trials and a 3 s search window: nestedness (no fit sees the held-out model, every
+fit sees windowed rows only), per-seed records, the inner choice as the inner-CV argmax, determinism and the
+calibration file are checked on them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 
-from calib.data.workloads import EMBEDDED_HG1
 from calib.errors import DataError, StudyError
 from calib.studies.runner import run_study
 from calib.studies.spec import load_study_file
@@ -66,18 +68,6 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def sync_dataset(tmp_path_factory) -> Path:
-    """The embedded HG1 dataset cut to three experiments of two families."""
-    keep = ["jan30-llama2-7b-tp4-chatsweep", "jan30-llama2-7b-tp4-codesweep", "20260210-qwen3-14b-tp2-chatsweep"]
-    d = tmp_path_factory.mktemp("ds")
-    lines = (EMBEDDED_HG1 / "experiments.csv").read_text().splitlines()
-    d.joinpath("experiments.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:]
-                                                                     if ln.split(",")[0] in keep]) + "\n")
-    d.joinpath("workloads.yaml").write_text((EMBEDDED_HG1 / "workloads.yaml").read_text())
-    return d
-
-
 def write(tmp_path: Path, data: dict, name: str = "study.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
@@ -85,22 +75,23 @@ def write(tmp_path: Path, data: dict, name: str = "study.yaml") -> Path:
 
 
 def fake_hg1(tmp_path: Path, optimum: float = 60.0) -> Path:
-    p = tmp_path / "hg1-results.json"
-    p.write_text(json.dumps({"optimum_us": optimum, "mode": "reference",
-                             "settings": {"estimator": {"variant": "v2.3", "mfu_rule": "nearest",
-                                                        "bw_efficiency": 0.82},
-                                          "split": {"train": ["a"] * 9}}}))
-    return p
+    """A calibration file as the HG1 study writes it (per-layer optimum ``optimum``)."""
+    from calib import Calibration
+    from calib.settings import Settings
+
+    s = Settings.from_params({"variant": "v2.3", "mfu_rule": "nearest", "bw_efficiency": 0.82, "per_layer_us": optimum})
+    return Calibration(settings=s, data={"rows": [f"e{i}" for i in range(9)]},
+                       notes="HG1 optimum").save(tmp_path / "hg1-calibration.yaml")
 
 
 def validation(data_dir: Path, tmp_path: Path, **changes) -> dict:
     base = {"name": "tiny-validation", "kind": "batched_validation", "data_dir": str(data_dir), "scatter_points": 50,
             "calibrations": [
-                {"label": "hg1-optimum", "source": "hg1", "results": str(fake_hg1(tmp_path))},
+                {"label": "hg1-optimum", "source": "file", "calibration": str(fake_hg1(tmp_path))},
                 {"label": "v3-fixed", "physics": {"variant": "v3"}, "overhead_model": "per_layer",
                  "per_layer_us": 100},
-                {"label": "best-overhead-model", "source": "overhead_models",
-                 "results": str(tmp_path / "missing.json")}]}
+                {"label": "best-overhead-model", "source": "file",
+                 "calibration": str(tmp_path / "missing.yaml")}]}
     base.update(changes)
     return base
 
@@ -119,8 +110,10 @@ def test_validation_end_to_end_and_deterministic(tmp_path, data_dir):
                 "heldout"):
         assert key in e
     assert set(e["ape"]) == {"ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p90_ms"}
-    assert e["heldout"] is True and "HG1 optimum 60" in r["calibrations"]["hg1-optimum"]["calibration"]["source"]
-    assert e["calibration"].startswith("hg1-optimum: HG1 optimum 60") and "fitted on" in e["calibration"]
+    cal = r["calibrations"]["hg1-optimum"]["calibration"]
+    assert e["heldout"] is True and "hg1-calibration.yaml" in cal["source"]
+    assert cal["overhead_params"] == {"per_layer_us": 60.0} and cal["physics"] == {"variant": "v2.3", "bw_efficiency": 0.82}
+    assert e["calibration"].startswith("hg1-optimum: ") and "fitted on 9 rows" in e["calibration"]
     assert e["measured"]["tpot_mean_ms"] == pytest.approx(8.0)  # the output rule restored the short outputs
     # Mixtral: unsupported under v2.3, replayed under v3
     assert by_run["r4-mixtral-codegen"]["supported"] is False and "mixture-of-experts" in by_run[
@@ -141,23 +134,37 @@ def test_validation_end_to_end_and_deterministic(tmp_path, data_dir):
     assert r2["overall"] == r["overall"]
 
 
-def test_best_overhead_model_is_read_when_present(tmp_path, data_dir):
-    p = tmp_path / "om.json"
-    p.write_text(json.dumps({  # the overhead_models kind's layout: rank-1 model, joint physics in its params
-        "kind": "overhead_models", "mode": "corrected", "ranked_by": "heldout.leave_one_family_out.tpot_mape",
-        "ranking": [{"rank": 2, "model": "batch_linear", "overhead": "batch_linear", "params": {"a_us": 1, "b_us": 1}},
-                    {"rank": 1, "model": "per_layer_tp_power+bw_efficiency+mfu_rule", "overhead": "per_layer_tp_power",
-                     "params": {"per_layer_us": 40.0, "alpha": 0.5, "bw_efficiency": 0.9, "mfu_rule": "interp"}}],
-        "settings": {"estimator": {"variant": "v2.3", "mfu_rule": "nearest", "bw_efficiency": 0.82,
-                                   "mode": "corrected"}}}))
+def test_a_calibration_file_is_applied_with_physics_overrides(tmp_path, data_dir):
+    from calib import Calibration
+    from calib.settings import Settings
+
+    s = Settings.from_params({"overhead_model": "per_layer_tp_power", "per_layer_us": 40.0, "alpha": 0.5,
+                              "bw_efficiency": 0.9, "mfu_rule": "interp", "mode": "corrected"})
+    path = Calibration(settings=s, data={"rows": ["x"]}).save(tmp_path / "om.yaml")
     study = write(tmp_path, validation(data_dir, tmp_path, runs=["r1-llama-2-7b-codegen"], calibrations=[
-        {"label": "best", "source": "overhead_models", "results": str(p)}]))
+        {"label": "best", "source": "file", "calibration": str(path)},
+        {"label": "best-v24", "source": "file", "calibration": str(path), "physics": {"variant": "v2.4"}}]))
     r = run_study(study, tmp_path / "o", progress=False, report=False)
     cal = r["calibrations"]["best"]["calibration"]
     assert cal["available"] and cal["overhead_model"] == "per_layer_tp_power"
     assert cal["overhead_params"] == {"per_layer_us": 40.0, "alpha": 0.5}
     assert cal["physics"] == {"variant": "v2.3", "bw_efficiency": 0.9, "mfu_rule": "interp"}
-    assert "rank-1 model" in cal["source"]
+    assert "om.yaml" in cal["source"]
+    assert r["calibrations"]["best-v24"]["calibration"]["physics"]["variant"] == "v2.4"
+
+
+def test_a_study_source_runs_the_study_when_its_file_is_absent(tmp_path, data_dir, cut_dataset):
+    from calib.studies.loaded_calibrations import CalibrationSpec, resolve_calibration
+
+    ds = cut_dataset(tmp_path / "ds", ["jan30-llama2-7b-tp4-chatsweep", "20260210-qwen3-14b-tp2-chatsweep"])
+    hg1 = tmp_path / "tiny-hg1.yaml"
+    hg1.write_text(yaml.safe_dump({"name": "tiny", "kind": "hg1", "dataset": str(ds),
+                                   "split": {"train": ["jan30-llama2-7b-tp4-chatsweep"]},
+                                   "phases": [{"name": "coarse", "grid": {"low": 0, "high": 100, "step": 50}}]}))
+    cal = resolve_calibration(CalibrationSpec(label="x", source="study", study=str(hg1),
+                                              calibration=str(tmp_path / "absent.yaml")))
+    assert cal.available and cal.settings.overhead.per_layer_us in (0.0, 50.0, 100.0)
+    assert "run now" in cal.provenance
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
@@ -189,97 +196,211 @@ def test_bad_validation_files(tmp_path, data_dir, change, match):
 
 # ---------------------------------------------------------------------------------------------- calibration
 
+DENSE_MODELS = {"llama-2-7b-hf", "codellama-34b-instruct-hf"}
 
-def calibration(data_dir: Path, tmp_path: Path, **changes) -> dict:
+
+def calibration(data_dir: Path, **changes) -> dict:
     base = {"name": "tiny-calibration", "kind": "batched_calibration", "data_dir": str(data_dir),
             "physics": {"variant": "v2.3", "mfu_rule": "interp"},
-            "overhead_models": [{"name": "per_layer", "search": {"per_layer_us": [0, 100]}},
-                                {"name": "batch_linear", "search": {"a_us": [0, 100], "b_us": [0, 5]}}],
-            "search": {"n_trials": 3, "n_startup_trials": 2, "seed": 3, "window_s": 3},
-            "extra_search": {"request_latency_ms": [0, 20]},
-            "baseline": {"label": "hg1", "source": "hg1", "results": str(fake_hg1(tmp_path))}}
+            "overhead_models": [{"name": "per_layer", "space": {"per_layer_us": {"low": 0, "high": 100}}},
+                                {"name": "batch_linear",
+                                 "space": {"a_us": {"low": 0, "high": 100}, "b_us": {"low": 0, "high": 5}}}],
+            "search": {"n_trials": 3, "seeds": 2, "window_s": 3},
+            "extra_search": {"request_latency_ms": {"low": 0, "high": 20}}}
     base.update(changes)
     return base
 
 
-def test_calibration_leave_one_model_out_and_resume(tmp_path, data_dir):
-    study = write(tmp_path, calibration(data_dir, tmp_path))
-    out = tmp_path / "cal"
-    r = run_study(study, out, progress=False)
-    folds = r["models"]["per_layer"]["folds"]
-    assert [f["heldout_model"] for f in folds] == ["codellama-34b-instruct-hf", "llama-2-7b-hf"]
-    assert folds[0]["train_runs"] == ["r1-llama-2-7b-codegen", "r2-llama-2-7b-roleplay"]
-    assert all(len(f["trials"]) == 3 for f in folds)
-    assert all(0 <= f["request_latency_ms"] <= 20 and "request_latency_ms" in f["best_params"] for f in folds)
-    assert {e["run"] for e in r["runs"]} == {"r1-llama-2-7b-codegen", "r2-llama-2-7b-roleplay",
-                                             "r3-codellama-codegen"}
-    assert all(e["heldout"] and e["fold"] for e in r["runs"])
-    assert r["best_model"] == r["ranking"][0]["overhead_model"]
-    assert r["baseline"]["groups"]["dense"]["n_runs"] == 3
-    fin = {e["run"]: e for e in r["final_fit"]["runs"]}
-    assert fin["r4-mixtral-codegen"]["supported"] is False and fin["r5-llama-2-7b-reasoning"]["group"] == "overloaded"
-    first = (out / "results.json").read_bytes()
-    run_study(study, out, progress=False)  # resume: nothing new to evaluate, same bytes
-    assert (out / "results.json").read_bytes() == first
-    assert (out / "REPORT.md").is_file() and "Ranking" in (out / "REPORT.md").read_text()
+@pytest.fixture(scope="module")
+def spied_run(tmp_path_factory, data_dir):
+    """The tiny calibration study run once, with every Calibrator/SelectBest fit recorded: (held-out model of the
+    outer fold being worked on, or None outside the outer loop; the models and row names the fit saw)."""
+    from calib.calibrate import Calibrator, SelectBest
+    from calib.studies.kinds import batched_calibration as kind
+    from calib.studies.loaded_data import SearchWindowSplit
+
+    seen: dict[str, list] = {"calibrator": [], "select": []}
+    state: dict[str, set | None] = {"heldout": None}
+
+    class Recording(SearchWindowSplit):
+        def split(self, X, y=None, groups=None):
+            for tr, te in super().split(X, y, groups):
+                state["heldout"] = set(X["model"].iloc[te])
+                yield tr, te
+            state["heldout"] = None
+
+    real_cal, real_sel = Calibrator.fit, SelectBest.fit
+
+    def cal_fit(self, X, y=None):
+        seen["calibrator"].append((state["heldout"], set(X["model"]), list(map(str, X.index))))
+        return real_cal(self, X, y)
+
+    def sel_fit(self, X, y=None):
+        seen["select"].append((state["heldout"], set(X["model"]), list(map(str, X.index))))
+        return real_sel(self, X, y)
+
+    tmp = tmp_path_factory.mktemp("cal")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Calibrator, "fit", cal_fit)
+        mp.setattr(SelectBest, "fit", sel_fit)
+        mp.setattr(kind, "SearchWindowSplit", Recording)
+        r = run_study(write(tmp, calibration(data_dir)), tmp / "out", progress=False)
+    return r, seen, tmp
+
+
+def test_no_fit_sees_the_heldout_model_nor_a_full_trace(spied_run):
+    r, seen, _ = spied_run
+    inside = [s for s in seen["calibrator"] + seen["select"] if s[0] is not None]
+    after = [s for s in seen["calibrator"] + seen["select"] if s[0] is None]
+    assert inside and after
+    for heldout, models, rows in inside:
+        assert not heldout & models, f"a fit saw the held-out model {heldout}"
+    for _, _, rows in seen["calibrator"] + seen["select"]:
+        assert all(row.endswith("@3s") for row in rows), "a search fitted a full trace"
+    # after the outer loop: SelectBest on all dense runs and every candidate fitted on them (all seeds)
+    assert any(models == DENSE_MODELS for _, models, _ in after)
+    for rec in r["nested"]["records"]:
+        assert all("@" not in row["row"] for row in rec["rows"])  # scored on full traces
+
+
+def test_nested_records_per_seed_and_the_inner_argmax(spied_run):
+    r, _, _ = spied_run
+    nested, seeds, cands = r["nested"], [0, 1], ["per_layer", "batch_linear"]
+    assert [f["test_groups"] for f in nested["folds"]] == [["codellama-34b-instruct-hf"], ["llama-2-7b-hf"]]
+    assert {(x["fold"], x["seed"], x["candidate"]) for x in nested["records"]} == {
+        (f, s, c) for f in (0, 1) for s in seeds for c in cands}
+    assert len(nested["choices"]) == 2 * len(seeds)
+    for ch in nested["choices"]:
+        assert ch["selected"] == max(ch["inner_mean"], key=ch["inner_mean"].get)
+        rec = next(x for x in nested["records"] if (x["fold"], x["seed"], x["candidate"]) ==
+                   (ch["fold"], ch["seed"], ch["selected"]))
+        assert ch["params"] == rec["params"]
+    sel = r["summary"]["selected"]
+    assert all(len(sel["heldout"][m]["per_seed"]) == len(seeds) for m in ("tpot", "e2e", "ttft"))
+    assert [len(f["chosen"]) for f in sel["per_fold"]] == [len(seeds)] * 2
+    # each held-out stage is scored once per seed, full traces; the aggregation is named
+    assert sorted(sel["per_row"]) == sorted(r["nested"]["folds"][0]["test"] + r["nested"]["folds"][1]["test"])
+    assert r["aggregation"].startswith("mean over runs of the mean over the run's stages")
+    assert r["nested"]["aggregation"] == r["summary"]["aggregation"] == r["aggregation"]
+    assert len(r["agreement"]) == 2 * len(cands)
+    for c in r["candidates"]:
+        assert [s["seed"] for s in c["fit"]["seeds"]] == seeds and all(len(s["curve"]) == 3 for s in c["fit"]["seeds"])
+        assert c["fit"]["converged"] in (True, False)
+        assert c["fit"]["params"]["replay.request_latency_ms"] <= 20
+
+
+def test_other_runs_and_the_calibration_file(spied_run):
+    from calib import Calibration
+    from calib.estimators.loaded import load_stages
+
+    r, _, tmp = spied_run
+    assert r["dataset"]["other_runs"] == {"moe": ["r4-mixtral-codegen"], "overloaded": ["r5-llama-2-7b-reasoning"]}
+    other = {e["run"]: e for e in r["recommended"]["other_runs"]}
+    assert other["r4-mixtral-codegen"]["supported"] is False and "mixture-of-experts" in other[
+        "r4-mixtral-codegen"]["note"]
+    assert other["r5-llama-2-7b-reasoning"]["group"] == "overloaded" and other["r5-llama-2-7b-reasoning"]["predicted"]
+    assert set(r["recommended"]["other_figures"]) == {"overloaded"}
+    cal = Calibration.load(tmp / "out" / "calibration.yaml")
+    est = cal.estimator("LoadedRegressor")
+    assert cal.estimator_class == "LoadedRegressor" and cal.heldout["aggregation"] == r["aggregation"]
+    assert {k: v for k, v in cal.settings.qualified().items() if k in r["recommended"]["params"]} == \
+        r["recommended"]["params"]
+    assert all(row.endswith("@3s") for row in cal.data["rows"])
+    X = load_stages(r["settings"]["data_dir"], ["r1-llama-2-7b-codegen"])
+    assert np.isfinite(est.fit(X).predict(X)).all()
+    report = (tmp / "out" / "REPORT.md").read_text()
+    assert "The nested selection" in report and "Mixtral beside the dense runs" in report
+    assert (tmp / "out" / "convergence.png").is_file() and (tmp / "out" / "heldout.png").is_file()
+
+
+def test_calibration_is_deterministic_and_resumes(spied_run, data_dir):
+    _, _, tmp = spied_run
+    study = tmp / "study.yaml"
+    run_study(study, tmp / "again", progress=False)
+    assert (tmp / "again" / "results.json").read_bytes() == (tmp / "out" / "results.json").read_bytes()
+    run_study(study, tmp / "again", progress=False)  # resume: nothing new to evaluate, same bytes
+    assert (tmp / "again" / "results.json").read_bytes() == (tmp / "out" / "results.json").read_bytes()
+
+
+def test_search_window_split():
+    import pandas as pd
+
+    from calib.studies.loaded_data import SearchWindowSplit
+
+    X = pd.DataFrame({"model": ["a", "b", "c", "a", "b", "c"], "window_s": [5.0, 5.0, 5.0, np.nan, np.nan, np.nan]})
+    splits = list(SearchWindowSplit().split(X, groups=X["model"]))
+    assert [(tr.tolist(), te.tolist()) for tr, te in splits] == [([1, 2], [3]), ([0, 2], [4]), ([0, 1], [5])]
+    assert SearchWindowSplit().get_n_splits(X, groups=X["model"]) == 3
+    full = X.iloc[3:]
+    assert [(tr.tolist(), te.tolist()) for tr, te in SearchWindowSplit().split(full, groups=full["model"])] == [
+        ([1, 2], [0]), ([0, 2], [1]), ([0, 1], [2])]
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"overhead_models": [{"name": "per_layer", "search": {"alpha": [0, 1]}}]}, "not a parameter"),
-    ({"overhead_models": [{"name": "per_layer", "search": {"per_layer_us": [5, 1]}}]}, "low < high"),
+    ({"overhead_models": [{"name": "per_layer", "space": {"alpha": {"low": 0, "high": 1}}}]}, "not a parameter"),
+    ({"overhead_models": [{"name": "per_layer", "space": {"per_layer_us": {"low": 5, "high": 1}}}]}, "empty range"),
+    ({"overhead_models": [{"name": "magic"}]}, "unknown overhead model"),
+    ({"overhead_models": [{"name": "per_layer"}, {"name": "per_layer"}]}, "listed twice"),
     ({"search": {"n_trials": 0}}, "n_trials"),
+    ({"search": {"seeds": [1, 1]}}, "seeds repeat"),
     ({"objective": {"weights": {"tpot": -1}}}, "weights"),
-    ({"extra_search": {"gemm_mfu_scale": [1, 2]}}, "cannot be added"),
+    ({"extra_search": {"variant": {"choices": ["v2.3", "v3"]}}}, "cannot be searched"),
+    ({"extra_search": {"mode": {"choices": ["reference", "corrected"]}}}, "cannot be searched"),
 ])
 def test_bad_calibration_files(tmp_path, data_dir, change, match):
-    path = write(tmp_path, calibration(data_dir, tmp_path, **change))
+    path = write(tmp_path, calibration(data_dir, **change))
     with pytest.raises(StudyError, match=match):
         load_study_file(path)
 
 
 def test_one_model_cannot_be_left_out(tmp_path, data_dir):
-    study = write(tmp_path, calibration(data_dir, tmp_path, runs=["r1-llama-2-7b-codegen", "r2-llama-2-7b-roleplay"]))
-    with pytest.raises(Exception, match="at least two models"):
+    study = write(tmp_path, calibration(data_dir, runs=["r1-llama-2-7b-codegen", "r2-llama-2-7b-roleplay"]))
+    with pytest.raises(StudyError, match="at least two models"):
         run_study(study, tmp_path / "x", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- physics
 
 
-def test_physics_study_end_to_end(tmp_path, data_dir, sync_dataset):
+def test_physics_study_end_to_end(tmp_path, data_dir):
     data = {"name": "tiny-physics", "kind": "physics", "data_dir": str(data_dir),
             "runs": ["r1-llama-2-7b-codegen", "r3-codellama-codegen", "r4-mixtral-codegen"],
             "candidates": [
                 {"label": "v2.3-overhead-only", "physics": {"variant": "v2.3"}, "overhead_model": "per_layer",
-                 "search": {"per_layer_us": [0, 150]}},
+                 "space": {"per_layer_us": {"low": 0, "high": 150}}},
                 {"label": "v3", "physics": {"variant": "v3"}, "overhead_model": "per_layer_tp_power",
-                 "search": {"mfu_decode": [0.2, 0.8], "per_layer_us": [0, 150], "alpha": [0, 1.5],
-                            "request_latency_ms": [0, 20]}}],
-            "overhead_only": "v2.3-overhead-only",
-            "loaded": {"n_trials": 2, "n_startup_trials": 2, "window_s": 3},
-            "synchronous": {"n_trials": 2, "n_startup_trials": 2, "dataset": str(sync_dataset)},
-            "batched_calibration_results": None}
+                 "space": {"mfu_decode": {"low": 0.2, "high": 0.8}, "per_layer_us": {"low": 0, "high": 150},
+                           "alpha": {"low": 0, "high": 1.5}, "request_latency_ms": {"low": 0, "high": 20}}}],
+            "search": {"n_trials": 2, "seeds": 2, "window_s": 3}}
     r = run_study(write(tmp_path, data), tmp_path / "ph", progress=False)
-    labels = [x["label"] for x in r["ranking"]]
-    assert sorted(labels) == ["v2.3-overhead-only", "v3"] and r["best"]["label"] == labels[0]
-    for x in r["ranking"]:
-        assert set(x["loaded_heldout_mape"]) >= {"ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms"}
-        assert x["sync_worst_fold"]["heldout_family"] in ("llama2-7b", "qwen3-14b")
-    mixtral = r["other_runs"]["v3"]
-    assert [e["run"] for e in mixtral] == ["r4-mixtral-codegen"] and mixtral[0]["supported"]
-    assert "mixtral-8x7b-v0.1" in r["decode_profiles"]
-    assert r["decode_profiles"]["llama-2-7b-hf"]["candidates"]["v3"]["step_curve"][0]["batch"] == 1
-    assert (tmp_path / "ph" / "decode_steps.png").is_file()
-    assert "Best calibrated physics" in (tmp_path / "ph" / "REPORT.md").read_text()
+    assert [c["name"] for c in r["candidates"]] == ["v2.3-overhead-only", "v3"]
+    assert [c["variant"] for c in r["candidates"]] == ["v2.3", "v3"]
+    assert r["recommended"]["candidate"] in ("v2.3-overhead-only", "v3")
+    # no fold holds Mixtral; v3's fits on all dense runs predict it, v2.3 reports it unsupported
+    assert r["dataset"]["models"] == ["codellama-34b-instruct-hf", "llama-2-7b-hf"]
+    v23, v3 = r["candidates"]
+    assert "moe" in v3["fit"]["other_runs"] and "moe" not in v23["fit"]["other_runs"]
+    assert all(e["supported"] for s in v3["fit"]["seeds"] for e in s["other_runs"])
+    assert not any(e["supported"] for s in v23["fit"]["seeds"] for e in s["other_runs"])
+    assert v3["fit"]["other_runs"]["moe"]["tpot"]["n"] == 2
+    report = (tmp_path / "ph" / "REPORT.md").read_text()
+    assert "## Candidates" in report and "which roofline physics" in report
+    from calib import Calibration
+
+    assert Calibration.load(tmp_path / "ph" / "calibration.yaml").estimator("LoadedRegressor").get_params()[
+        "variant"] == r["candidates"][[c["name"] for c in r["candidates"]].index(r["recommended"]["candidate"])][
+        "variant"]
 
 
-@pytest.mark.parametrize("search,match", [
-    ({"warp_factor": [0, 1]}, "neither a physics option"),
-    ({"min_step_us": [0, 1]}, "cannot be searched"),
-    ({"mfu_rule": ["nearest", 3]}, "list of choices"),
+@pytest.mark.parametrize("space,match", [
+    ({"warp_factor": {"low": 0, "high": 1}}, "unknown settings parameter"),
+    ({"variant": {"choices": ["v2.3", "v3"]}}, "cannot be searched"),
+    ({"mfu_rule": {"choices": ["nearest", 3]}}, "mfu_rule"),
+    ({"alpha": {"low": 0, "high": 1}}, "not a parameter of overhead model"),
 ])
-def test_bad_physics_files(tmp_path, data_dir, search, match):
+def test_bad_physics_files(tmp_path, data_dir, space, match):
     data = {"name": "p", "kind": "physics", "data_dir": str(data_dir),
-            "candidates": [{"label": "c", "physics": {"variant": "v2.3"}, "search": search}]}
+            "candidates": [{"label": "c", "physics": {"variant": "v2.3"}, "overhead_model": "per_layer",
+                            "space": space}]}
     with pytest.raises(StudyError, match=match):
         load_study_file(write(tmp_path, data))

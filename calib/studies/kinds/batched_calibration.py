@@ -1,97 +1,61 @@
-"""Calibration on loaded runs (issue 6, item 4): TPE over overhead models, leave-one-model-out.
+"""Which overhead model generalises to an unseen model under load?  Candidates under nested leave-one-model-out.
 
-Under load the step batch varies from 1 to ``max_num_seqs``, so overhead terms
-that depend on the batch (``batch_linear``), on prefill (``prefill_decode_split``)
-or on TP (``per_layer_tp_power``) become identifiable.  For every overhead
-model of the study file and every fold of a leave-one-model-out split of the
-dense non-reasoning runs, Optuna's TPE sampler searches the model's
-parameters on the runs of the other models; the best trial is then replayed
-on the held-out model's runs (full traces).  Every dense run is held out
-exactly once per overhead model, so the held-out errors of a model cover all
-dense runs.
-
-The search, its loss (weighted, capped APEs of the TTFT, TPOT and E2E means
-of each training run, with the weights and cap of the study file) and the
-folds are :mod:`calib.studies.loaded_search`: during the search each run can
-be cut to the first ``window_s`` seconds of every load stage; held-out
-evaluations always replay full traces.
-
-Determinism and resumption: trials live in the study's Optuna storage and are
-run by :func:`calib.calibrate.trials.tpe_search`, which seeds the TPE sampler of
-each trial from the study's seed and the number of completed trials, so an
-interrupted search resumes to the same trials as an uninterrupted one, and the
-same study file gives the same results.  Each search's Optuna study name ends
-with a hash of everything it depends on, so editing the study file starts new
-searches instead of mixing old trials in.
+Each ``overhead_models`` entry is a :class:`~calib.calibrate.Calibrator` over
+:class:`~calib.LoadedRegressor` with the study's fixed ``physics`` and that overhead model, searching the model's
+ranges (``OVERHEAD_MODELS[name].ranges()``, overridden by ``space``) plus ``extra_search`` (the client-side request
+latency).  Rows are the load stages of the dense non-reasoning runs
+(:func:`~calib.studies.loaded_data.stage_table`): the searches fit the first ``search.window_s`` seconds of every
+stage, held-out scores replay full traces (:class:`~calib.studies.loaded_data.SearchWindowSplit`).
+:func:`~calib.calibrate.nested.nested_cross_validate` leaves one model out; in every outer fold and search seed
+each candidate is fitted on the other models and :class:`~calib.calibrate.SelectBest` chooses among them by an
+inner leave-one-model-out, so "the selected model" is scored on what the inner loop chose, never on its outer
+score.  The recommended calibration (``calibration.yaml``) is SelectBest's choice on all dense runs
+(:func:`~calib.calibrate.nested.select_on_all`).  Each candidate is also fitted with all its seeds on all dense
+runs: its convergence, and its predictions of the runs no fold holds (Mixtral, overloaded runs).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections import Counter
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from sklearn.base import clone
 
+from calib.calibrate import Calibrator
+from calib.calibrate.nested import nested_cross_validate, recommend, select_on_all, summarize
+from calib.calibrate.search import budget
+from calib.calibrate.space import describe_space
+from calib.estimators.loaded import LoadedRegressor
 from calib.physics.overhead import OVERHEAD_MODELS
-from calib.replay.loaded import LoadedRun, describe_physics
 from calib.studies.context import RunContext
-from calib.studies.loaded_calibrations import CalibrationSpec, evaluate_calibration, resolve_calibration
-from calib.studies.loaded_data import (LoadedData, check_physics, group_summaries, load_runs, output_rule_text,
-                                       physics_settings, settings_block, without_scatter)
-from calib.studies.loaded_search import (REPLAY_PARAMS, Objective, SearchSettings, cross_validate, final_fit,
-                                         heldout_loss, parse_space, space_text, split_params, study_key)
+from calib.studies.loaded_data import (CV_TEXT, STAGE_AGGREGATION, LoadedData, LoadedObjective, LoadedSearch,
+                                       SearchWindowSplit, check_physics, dataset_block, fit_on_all, group_figures,
+                                       heldout_block, heldout_flags, load_runs, loaded_space, predict_rows,
+                                       seed_agreement, settings_block, stage_table)
+from calib.studies.schemas.batched_calibration import Results
 from calib.studies.spec import Strict, StudyBase
+
+__all__ = ["KIND", "schema", "run", "Results"]
 
 KIND = "batched_calibration"
 
 
-# ======================================================================================= schema
-
-
-class OverheadCandidate(Strict):
-    """An overhead model and its search ranges (default: the model's own ranges)."""
+class OverheadEntry(Strict):
+    """One candidate: an overhead model, range overrides (``{low, high}`` per parameter), its own trial budget."""
 
     name: str
-    search: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _known(self) -> "OverheadCandidate":
-        if self.name not in OVERHEAD_MODELS:
-            raise ValueError(f"unknown overhead model {self.name!r}; known: {', '.join(OVERHEAD_MODELS)}")
-        space = self.space()
-        _, ovh, _ = split_params({k: 0.0 for k in space}, self.name)
-        extra = sorted(set(space) - set(ovh) - set(REPLAY_PARAMS))
-        if extra:
-            raise ValueError(f"{extra[0]!r} is not a parameter of overhead model {self.name!r} (nor "
-                             f"{', '.join(REPLAY_PARAMS)})")
-        return self
-
-    def space(self, extra: Mapping[str, Any] | None = None) -> dict:
-        """The search space: ``search`` (default: the model's own ranges) plus ``extra`` (e.g. the request latency)."""
-        raw = dict(self.search) if self.search is not None else {k: list(v) for k, v in
-                                                                 OVERHEAD_MODELS[self.name].ranges().items()}
-        for k, v in (extra or {}).items():
-            raw.setdefault(k, v)
-        return parse_space(raw, f"overhead_models.{self.name}.search")
+    space: dict[str, dict[str, Any]] = {}
+    n_trials: int | None = Field(default=None, ge=1)
 
 
 class BatchedCalibrationSchema(StudyBase, LoadedData):
     kind: Literal["batched_calibration"]
     physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
-    overhead_models: list[OverheadCandidate] = Field(min_length=1)
-    search: SearchSettings = SearchSettings()
-    objective: Objective = Objective()
-    baseline: CalibrationSpec | None = None
-    final_fit: bool = True
-    extra_search: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("extra_search")
-    @classmethod
-    def _extra(cls, v: dict) -> dict:
-        bad = sorted(set(v) - set(REPLAY_PARAMS))
-        if bad:
-            raise ValueError(f"{bad[0]!r} cannot be added to every search; allowed: {', '.join(REPLAY_PARAMS)}")
-        parse_space(v, "extra_search")
-        return v
+    overhead_models: list[OverheadEntry] = Field(min_length=1)
+    extra_search: dict[str, dict[str, Any]] = {}
+    search: LoadedSearch = LoadedSearch()
+    objective: LoadedObjective = LoadedObjective()
 
     @field_validator("physics")
     @classmethod
@@ -99,84 +63,78 @@ class BatchedCalibrationSchema(StudyBase, LoadedData):
         return check_physics(v)
 
     @model_validator(mode="after")
-    def _unique(self) -> "BatchedCalibrationSchema":
-        names = [c.name for c in self.overhead_models]
-        if len(set(names)) != len(names):
-            raise ValueError("overhead models must be listed once each")
+    def _check(self) -> "BatchedCalibrationSchema":
+        dupes = [k for k, n in Counter(m.name for m in self.overhead_models).items() if n > 1]
+        if dupes:
+            raise ValueError(f"overhead model {dupes[0]!r} is listed twice")
+        for m in self.overhead_models:
+            if m.name not in OVERHEAD_MODELS:
+                raise ValueError(f"unknown overhead model {m.name!r}; known: {', '.join(OVERHEAD_MODELS)}")
+            self.space(m)
+            self.search.make(m.n_trials)
         return self
+
+    def regressor(self, overhead: str) -> LoadedRegressor:
+        return LoadedRegressor(**self.physics, overhead_model=overhead, hardware=self.hardware, prefix=self.prefix,
+                               cached_prefill_pi=self.cached_prefill_pi, max_steps=self.max_steps)
+
+    def space(self, m: OverheadEntry) -> dict:
+        ranges = {k: {"low": lo, "high": hi} for k, (lo, hi) in OVERHEAD_MODELS[m.name].ranges().items()}
+        return loaded_space({**ranges, **m.space, **self.extra_search}, self.regressor(m.name).settings(),
+                            f"overhead_models.{m.name}")
 
 
 schema = BatchedCalibrationSchema
 
 
-# ======================================================================================= run
-
-
-def baseline_entries(spec_baseline: CalibrationSpec | None, runs: Sequence[LoadedRun], hardware: str,
-                     scatter_points: int, ctx: RunContext) -> dict | None:
-    """The synchronous-only calibration on the same runs (held out by construction)."""
-    if spec_baseline is None:
-        return None
-    cal = resolve_calibration(spec_baseline, hardware, ctx)
-    entries = evaluate_calibration(cal, runs, scatter_points=scatter_points)
-    return {"calibration": cal.describe(), "text": cal.summary_text(), "runs": without_scatter(entries),
-            "groups": group_summaries(entries)}
-
-
 def run(spec: BatchedCalibrationSchema, ctx: RunContext) -> dict:
+    X, others = stage_table(spec, spec.search.window_s, ctx.study_file)
+    fit_rows = X[X["window_s"].notna()] if spec.search.window_s else X
+    cands = [(m.name, Calibrator(spec.regressor(m.name), space=spec.space(m), objective=spec.objective.parse(),
+                                 search=spec.search.make(m.n_trials), storage=ctx.url,
+                                 study_name=f"{spec.name}-{m.name}", progress=ctx.progress))
+             for m in spec.overhead_models]
+    seeds = list(spec.search.make().seeds)
+    common = dict(groups="model", seeds=seeds, min_inner_groups=2)
+    nested = nested_cross_validate(cands, X, outer_cv=SearchWindowSplit(), **common)
+    nested.aggregation = STAGE_AGGREGATION  # rows are load stages weighted 1 / stages of the run, not experiments
+    summary = summarize(nested)
+    rec, chosen = recommend(select_on_all(cands, fit_rows, **common), seeds)
+    heldout = heldout_block(summary)
+    window = f"the first {spec.search.window_s:g} s of every load stage" if spec.search.window_s else "full traces"
+    calibration = chosen.calibration_.model_copy(update={"heldout": heldout, "notes": (
+        f"study {spec.name}: {rec['candidate']}, chosen by SelectBest (inner leave-one-model-out) on all "
+        f"{fit_rows['run'].nunique()} dense loaded runs in {rec['votes'][rec['candidate']]} of {len(seeds)} seeds; "
+        f"fitted with seed {rec['seed']} (lowest train loss of those) on {window}; prefix={spec.prefix}, "
+        f"cached_prefill_pi={spec.cached_prefill_pi} (LoadedRegressor options, not settings)")})
+    if ctx.role == "lead":
+        calibration.save(ctx.out_dir / "calibration.yaml")
     runs = load_runs(spec, ctx.study_file)
-    base = dict(spec.physics)
-    models = {}
-    for cand in spec.overhead_models:
-        space = cand.space(spec.extra_search)
-        key = study_key(base, cand.name, {k: repr(v) for k, v in space.items()}, spec.search.model_dump(),
-                        spec.objective.model_dump(), [rd.name for rd in runs], spec.output_rule, spec.prefix,
-                        spec.cached_prefill_pi)
-        cv = cross_validate(ctx, f"{spec.name}-{cand.name}", runs, base, cand.name, space, spec.search,
-                            spec.objective, spec.hardware, spec.scatter_points, key)
-        cv["search_space"] = {k: space_text(v) for k, v in space.items()}
-        models[cand.name] = cv
-    ranking = sorted(models, key=lambda m: (models[m]["heldout_loss"], m))
-    best = ranking[0]
-    final = None
-    if spec.final_fit:
-        cand = next(c for c in spec.overhead_models if c.name == best)
-        space = cand.space(spec.extra_search)
-        key = study_key(base, cand.name, {k: repr(v) for k, v in space.items()}, spec.search.model_dump(),
-                        spec.objective.model_dump(), [rd.name for rd in runs], spec.output_rule, spec.prefix,
-                        spec.cached_prefill_pi, "all")
-        final = final_fit(ctx, f"{spec.name}-{best}", runs, base, best, space, spec.search, spec.objective,
-                          spec.hardware, spec.scatter_points, key)
-    dense = [rd for rd in runs if rd.group == "dense"]
-    baseline = baseline_entries(spec.baseline, dense, spec.hardware, spec.scatter_points, ctx)
-    if baseline is not None:
-        baseline["heldout_loss"] = heldout_loss(baseline["runs"], spec.objective)
+    others_rec = predict_rows(clone(chosen.best_estimator_.best_estimator_), others)
+    trials = {n: c.search.n_trials or budget(len(c.space)) for n, c in cands}
     return {
-        "study": spec.name,
-        "kind": KIND,
-        "description": spec.description,
-        "physics": describe_physics(physics_settings(base).physics_options()),
-        "best_model": best,
-        "ranking": [{"overhead_model": m, "heldout_loss": models[m]["heldout_loss"],
-                     "heldout_mape": models[m]["overall"].get("mape"),
-                     "heldout_mape_without_runaway": models[m]["overall"].get("mape_without_runaway"),
-                     "worst_fold": models[m]["worst_fold"],
-                     "runaway_runs": models[m]["overall"].get("runaway_runs", [])} for m in ranking],
-        "runs": models[best]["runs"],
-        "overall": models[best]["overall"],
-        "models": {m: {**v, "runs": without_scatter(v["runs"])} for m, v in models.items()},
-        "final_fit": final,
-        "baseline": baseline,
-        "output_rule": output_rule_text(runs),
+        "study": spec.name, "kind": KIND, "description": spec.description, "aggregation": STAGE_AGGREGATION,
+        "objective": spec.objective.parse().describe(),
+        "dataset": dataset_block(spec, X, others, runs, spec.search.window_s),
+        "candidates": [{"name": n, "description": "", "variant": c.estimator.settings().physics.variant,
+                        "physics": dict(spec.physics), "overhead_model": n, "space": describe_space(c.space),
+                        "n_params": len(c.space), "n_trials": trials[n],
+                        "search": c.search.describe(), "study_prefix": c.study_name,
+                        "fit": fit_on_all(c, fit_rows, others)} for n, c in cands],
+        "summary": summary, "nested": nested.to_dict(),
+        "flags": heldout_flags(cands, nested, X),
+        "agreement": seed_agreement(nested, spec.search.tolerance),
+        "recommended": {**rec, "heldout": heldout, "settings": calibration.settings.qualified(),
+                        "other_runs": others_rec, "other_figures": group_figures(others_rec)},
         "settings": settings_block(spec, ctx, runs) | {
-            "cv": "leave-one-model-out over the dense non-reasoning runs",
-            "search": spec.search.model_dump() | {"sampler": "optuna TPESampler(multivariate=True), trial i seeded "
-                                                  "with seed + i"},
-            "objective": spec.objective.model_dump(),
-            "storage": ctx.storage_label,
-            "physics": base,
-            "overhead_models": [c.model_dump(exclude_none=True) for c in spec.overhead_models],
-            "baseline": spec.baseline.model_dump(exclude_none=True) if spec.baseline else None,
-            "extra_search": spec.extra_search,
-        },
+            "search": spec.search.model_dump(), "objective": spec.objective.model_dump(), "physics": spec.physics,
+            "extra_search": spec.extra_search, "seeds": {"search": seeds}, "storage": ctx.storage_label,
+            "trials": trials,
+            **CV_TEXT,
+            "sampler": f"optuna {spec.search.algorithm.upper()} via calib.calibrate, one Optuna study per "
+                       "(candidate, training rows, seed); shared rows share studies",
+            "samplers": [{"study": f"{c.study_name}-<fingerprint>-{spec.search.algorithm}-s<seed>",
+                          "sampler": spec.search.algorithm, "seed": seeds,
+                          "trials": trials[n]} for n, c in cands]},
     }
+

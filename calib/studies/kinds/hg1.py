@@ -11,9 +11,9 @@ validation points, and the pre-registered criteria.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from calib.calibrate import Calibrator
 from calib.data import load_experiments
@@ -24,7 +24,7 @@ from calib.specs import load_model
 from calib.studies.common import GridStudyMixin, SplitSpec, resolve_split
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
-from calib.studies.results import Typed
+from calib.studies.schemas.hg1 import Results
 from calib.studies.spec import Strict
 from calib.studies.evaluate import evaluate
 
@@ -66,65 +66,6 @@ class HG1Schema(GridStudyMixin):
 
 
 schema = HG1Schema
-
-_Metrics = dict[str, dict[str, float]]  # metric_mape -> validation point -> value
-
-
-class LandscapePoint(Typed):
-    phase: str
-    overhead_us: float
-    objective: float
-    train_tpot_mape: float
-    train_e2e_mape: float
-    train_ttft_mape: float
-    per_layer_us: float | None = None
-
-
-class ExperimentResult(Typed):
-    experiment: str
-    split: Literal["train", "test"]
-    family: str
-    tp: int
-    workload: str
-    model: str
-    measured: dict[str, float]
-    predicted: dict[str, dict[str, float]]
-    tpot_ape: dict[str, float]
-    e2e_ape: dict[str, float]
-    ttft_ape: dict[str, float]
-    overlapped_requests: dict[str, int]
-    effective_overhead_us_per_step: float | None
-
-
-class Results(Typed):
-    """The results of an HG1 study (``results.json``).  ``<phase>_optimum_us`` holds each phase's optimum
-    (``coarse_optimum_us``, ``fine_optimum_us`` for the shipped study)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    study: str
-    kind: Literal["hg1"]
-    optimum_us: float
-    mode: Literal["reference", "corrected"]
-    tpot_definition: Literal["itl", "guidellm"]
-    phantom_last_step: bool
-    landscape: list[LandscapePoint]
-    experiments: list[ExperimentResult]
-    splits: dict[Literal["train", "test", "all"], _Metrics]
-    families: dict[str, dict[str, Any]]
-    criteria: list[dict[str, Any]]
-    reproduction: dict[str, Any] | None
-    verdict: Literal["PASS", "FAIL"]
-    worst_experiment: dict[str, Any]
-    settings: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _only_phase_optima_extra(self) -> "Results":
-        extra = [k for k in (self.model_extra or {}) if not k.endswith("_optimum_us")]
-        if extra:
-            raise ValueError(f"unknown key {extra[0]!r}")
-        return self
-
 
 def _key(v: float) -> str:
     return f"{v:g}"

@@ -1,0 +1,123 @@
+"""The fast engine path (aggregated decode statistics, cached step times) against the reference, for every variant.
+
+Reference: the straightforward per-request engine (``run_engine(..., fast=False)``)
+timing every step with one plain ``StepModel.parts`` call (``StepTimer(fast=False)``).
+Fast: the default engine, whose decode-only runs and mixed steps come from the
+decode statistics of :mod:`calib.physics.fast` (``(q, max PI, Σ PI)`` for v2.3,
+``(q, Σ PI, Σ f m)`` kept by a ContextSet for v2.4, ``(q, Σ PI)`` for v3).
+Every request's TTFT, E2E and start, and every recorded step, must be equal.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from calib.physics import StepModel
+from calib.physics.overhead import BatchLinear, PerLayer, PrefillDecodeSplit
+from calib.replay.engine import SchedulerConfig, StepTimer, run_engine
+
+#: name -> (model, tp, options)
+VARIANTS = {
+    "v2.3": ("llama-2-7b-hf", 1, {"variant": "v2.3"}),
+    "v2.4": ("llama-2-7b-hf", 1, {"variant": "v2.4"}),
+    "v3": ("llama-2-7b-hf", 1, {"variant": "v3"}),
+    "v3-mixtral": ("mixtral-8x7b-v0.1", 2, {"variant": "v3"}),
+    "v2.4-34b-tp2": ("codellama-34b-instruct-hf", 2, {"variant": "v2.4"}),
+    "v2.4-floor": ("llama-2-7b-hf", 1, {"variant": "v2.4", "mfu_floor": 0.0025}),
+    "v2.3-per_request": ("llama-2-7b-hf", 2, {"variant": "v2.3", "decode_attention": "per_request"}),
+    "v2.3-additive": ("llama-2-7b-hf", 2, {"variant": "v2.3", "mixed_rule": "additive"}),
+}
+
+
+@lru_cache(maxsize=None)
+def model_of(name: str) -> StepModel:
+    m, tp, opts = VARIANTS[name]
+    return StepModel.build(m, tp, **opts)
+
+
+def same(a, b) -> bool:
+    return (np.array_equal(a.ttft_us, b.ttft_us, equal_nan=True) and np.array_equal(a.e2e_us, b.e2e_us, equal_nan=True)
+            and np.array_equal(a.start_us, b.start_us, equal_nan=True) and np.array_equal(a.rejected, b.rejected)
+            and a.n_steps == b.n_steps and a.n_preemptions == b.n_preemptions and a.hit_step_cap == b.hit_step_cap
+            and all(np.array_equal(a.steps[k], b.steps[k]) for k in b.steps))
+
+
+def replay_both(sm, overhead, arr, inp, out, cfg, **kw):
+    fast, nxt_f = run_engine(StepTimer(sm, overhead), arr, inp, out, cfg, prefix_warm=set(), **kw)
+    ref, nxt_r = run_engine(StepTimer(sm, overhead, fast=False), arr, inp, out, cfg, fast=False, prefix_warm=set(),
+                            **kw)
+    assert nxt_f == nxt_r
+    return fast, ref
+
+
+workloads = st.fixed_dictionaries({
+    "n": st.integers(1, 12),
+    "seed": st.integers(0, 2**31 - 1),
+    "rate_us": st.sampled_from([0, 2_000, 30_000, 300_000]),
+    "budget": st.sampled_from([64, 512, 2048]),
+    "max_running": st.sampled_from([2, 256]),
+    "kv_blocks": st.sampled_from([40, 120, 1_000_000]),
+    "record": st.booleans(),
+    "prefix": st.sampled_from([0, 150]),
+    "overhead": st.sampled_from(["per_layer", "batch_linear", "split", "none"]),
+})
+
+
+def make_case(w):
+    rng = np.random.default_rng(w["seed"])
+    n = w["n"]
+    arr = np.sort(rng.integers(0, max(1, w["rate_us"] * n), n)) if w["rate_us"] else np.zeros(n, np.int64)
+    inp = rng.integers(1, 1500, n) + w["prefix"]
+    out = rng.integers(1, 60, n)
+    cfg = SchedulerConfig(max_scheduled_tokens=w["budget"], max_running=w["max_running"], kv_blocks=w["kv_blocks"],
+                          record_steps=w["record"])
+    overhead = {"per_layer": PerLayer(80.0), "batch_linear": BatchLinear(50.0, 3.0),
+                "split": PrefillDecodeSplit(200.0, 40.0), "none": None}[w["overhead"]]
+    grp = np.where(rng.random(n) < 0.8, rng.integers(0, 2, n), -1)
+    return arr, inp, out, cfg, overhead, dict(prefix_tokens=np.full(n, w["prefix"]), prefix_group=grp)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads)
+def test_random_workloads_equal_plain_reference(name, w):
+    arr, inp, out, cfg, overhead, kw = make_case(w)
+    fast, ref = replay_both(model_of(name), overhead, arr, inp, out, cfg, **kw)
+    assert same(fast, ref), cfg
+
+
+@pytest.mark.parametrize("name", ["v2.4", "v2.4-floor", "v2.3-per_request", "v3-mixtral", "v2.3"])
+def test_long_runs_across_mfu_knots(name):
+    """Long decodes whose contexts cross the kv knots (512, 1024, 4096) during long decode-only runs,
+    some cut by arrivals: ContextSet segments, vectorised remainders and cuts inside a segment."""
+    sm = model_of(name)
+    rng = np.random.default_rng(7)
+    n = 8
+    arr = np.sort(rng.integers(0, 3_000_000, n))
+    inp = rng.choice([300, 500, 900, 1000, 3900, 4000], n)
+    out = rng.integers(100, 400, n)
+    fast, ref = replay_both(sm, PerLayer(60.0), arr, inp, out, SchedulerConfig(record_steps=True))
+    assert same(fast, ref)
+    assert fast.steps["batch_size"].max() >= 3
+
+
+@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral"])
+def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
+    """Many requests (the explicit engine with the fast timer: explicit decode contexts per step)."""
+    sm = model_of(name)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        n = 150
+        arr = np.sort(rng.integers(0, 20_000_000, n))
+        inp = rng.integers(50, 3000, n)
+        out = rng.integers(1, 300, n)
+        cfg = SchedulerConfig(max_running=int(rng.choice([16, 128])), kv_blocks=int(rng.choice([600, 10_000])),
+                              record_steps=True)
+        a, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg)
+        b, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg, fast=False)
+        assert same(a, b)
