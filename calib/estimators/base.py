@@ -84,7 +84,35 @@ def settings_constraints() -> dict[str, list]:
 
 
 class SettingsMixin:
-    """``settings()`` and ``from_settings()`` for an estimator whose ``__init__`` came from :func:`settings_init`."""
+    """What every calib estimator shares: ``settings()``, ``from_settings()``, ``predict`` of the ``target``
+    column of ``predict_all``, ``score`` = minus the MAPE, and the scikit-learn tags.
+
+    The estimator's ``__init__`` comes from :func:`settings_init`; ``_fitted_attr`` names the attribute its
+    ``fit`` sets (checked before predicting).  List this mixin before ``RegressorMixin``.
+    """
+
+    _fitted_attr = "settings_"
+
+    def predict(self, X):
+        """Predicted means of ``target`` (ms), one per row of ``X``."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, self._fitted_attr)
+        return self.predict_all(X)[self.target].to_numpy()
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Negative mean absolute percentage error (a fraction; higher is better)."""
+        from sklearn.metrics import mean_absolute_percentage_error
+
+        return -mean_absolute_percentage_error(y, self.predict(X), sample_weight=sample_weight)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.target_tags.required = True
+        tags.target_tags.positive_only = True
+        tags.non_deterministic = False
+        return tags
 
     def settings(self) -> Settings:
         """The validated :class:`~calib.settings.Settings` of the current hyperparameters."""

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.metrics import mean_absolute_percentage_error
 
 from calib.errors import CalibError, ConfigError, DataError
 from calib.estimators.base import MEASURED, SettingsMixin, settings_constraints, settings_init
@@ -113,6 +112,7 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     """
 
     __init__ = settings_init(target="tpot", prefix="auto", cached_prefill_pi="cached", max_steps=None)
+    _fitted_attr = "runs_"
     _parameter_constraints = {**settings_constraints(), "target": [str], "prefix": [str],
                               "cached_prefill_pi": [str], "max_steps": [Integral, None]}
 
@@ -157,25 +157,6 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         self.runs_ = sorted(X["run"].astype(str).unique())
         self.n_features_in_ = X.shape[1]
         return self
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted stage means of ``target`` (ms), one per row of ``X``."""
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "runs_")
-        return self.predict_all(X)[self.target].to_numpy()
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Negative mean absolute percentage error (a fraction; higher is better)."""
-        return -mean_absolute_percentage_error(y, self.predict(X), sample_weight=sample_weight)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = True
-        tags.target_tags.required = True
-        tags.target_tags.positive_only = True
-        tags.non_deterministic = False
-        return tags
 
     # ---- everything at once ------------------------------------------------------------
     def predict_all(self, X) -> pd.DataFrame:

@@ -20,7 +20,6 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.metrics import mean_absolute_percentage_error
 
 from calib.errors import CalibError, DataError
 from calib.estimators.base import MEASURED, SettingsMixin, settings_constraints, settings_init
@@ -86,6 +85,7 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     """
 
     __init__ = settings_init(target="tpot")
+    _fitted_attr = "experiments_"
     _parameter_constraints = {**settings_constraints(), "target": [str]}
 
     def _check_target(self) -> None:
@@ -109,25 +109,6 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         self.experiments_ = [str(i) for i in X.index]
         self.n_features_in_ = X.shape[1]
         return self
-
-    def predict(self, X) -> np.ndarray:
-        """Predicted experiment means of ``target`` (ms), one per row of ``X``."""
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "experiments_")
-        return self.predict_all(X)[self.target].to_numpy()
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Negative mean absolute percentage error (a fraction; higher is better)."""
-        return -mean_absolute_percentage_error(y, self.predict(X), sample_weight=sample_weight)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = True
-        tags.target_tags.required = True
-        tags.target_tags.positive_only = True
-        tags.non_deterministic = False
-        return tags
 
     # ---- everything at once ------------------------------------------------------------
     def predict_all(self, X) -> pd.DataFrame:
