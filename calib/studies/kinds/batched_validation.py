@@ -57,7 +57,7 @@ def run(spec: BatchedValidationSchema, ctx: RunContext) -> dict:
     cals = [resolve_calibration(c, spec.hardware, ctx) for c in spec.calibrations]
     primary = spec.primary or cals[0].label
     by_cal = {}
-    for cal in cals:
+    for cal in ctx.track(cals, f"{spec.name}: replaying every run per calibration"):
         entries = evaluate_calibration(cal, runs, scatter_points=spec.scatter_points)
         by_cal[cal.label] = {"calibration": cal.describe(), "text": cal.summary_text(), "runs": entries,
                              "groups": group_summaries(entries)}
