@@ -47,8 +47,8 @@ def write(r: dict, out: Path) -> list[Path]:
                          *[pct(s["criteria_pass_share"][c]) for c in crit], pct(s["verdict_pass_share"])]
                         for s in r["summary"]]), "", "![optimum by seed](optimum_by_seed.png)", "",
               "## Every run", "",
-              md_table(["lengths", "seed", "TPOT def.", "coarse opt.", "optimum (µs)", "train TPOT", "test TPOT",
-                        "gap", "test E2E", *crit, "verdict"],
+              md_table(["lengths", "seed", "TPOT def.", "coarse opt.", "optimum (µs)", "train TPOT (mean over exps)",
+                        "test TPOT (mean over exps)", "gap", "test E2E (mean over exps)", *crit, "verdict"],
                        [[x["lengths"], x["seed"], x["tpot_definition"] + (" (headline)" if x["headline"] else ""),
                          f"{x.get('coarse_optimum_us', x['optimum_us']):g}", f"{x['optimum_us']:g}",
                          pct(x["tpot_mape"]["optimum"]["train"]), pct(x["tpot_mape"]["optimum"]["test"]),

@@ -65,7 +65,8 @@ def write(r: dict, out: Path) -> list[Path]:
               *_published_lines(r, crit_names), ""]
     lines += ["## Distributions over splits", "",
               dist_table([("gap (test − train TPOT MAPE)", sm["gap"]), ("absolute gap", sm["abs_gap"]),
-                          ("train TPOT MAPE", sm["train_tpot_mape"]), ("test TPOT MAPE", sm["test_tpot_mape"])]),
+                          ("train TPOT MAPE (mean over the fold's experiments)", sm["train_tpot_mape"]),
+                          ("test TPOT MAPE (mean over the fold's experiments)", sm["test_tpot_mape"])]),
               "", dist_table([("train optimum (µs)", sm["optimum_us"])], as_pct=False), "",
               "![gap histogram](gap_histogram.png)", "", "![train vs test](train_vs_test.png)", "",
               "### Optimum spread", "",
