@@ -21,8 +21,6 @@ True
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +90,13 @@ class Calibration(BaseModel):
         """Write the calibration as YAML (atomically: a temporary file in the same folder, then a rename)."""
         import yaml
 
+        from calib.specs._files import write_atomic
+
         path = Path(path)
         text = "# calib calibration file: settings + provenance (calib.Calibration)\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, allow_unicode=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".yaml", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":

@@ -331,25 +331,13 @@ def check_overwrite(targets: dict[str, Path], force: bool, what: str) -> None:
 
 def _write_files(texts: dict[str, str], out: Path) -> list[Path]:
     """Write each file through a temporary file and a rename (a link is replaced, never written through)."""
-    import os
-    import tempfile
+    from calib.specs._files import write_atomic
 
     written = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        mask = os.umask(0o022)
-        os.umask(mask)
         for name, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                    fh.write(text)
-                os.chmod(tmp, 0o666 & ~mask)
-                os.replace(tmp, out / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            written.append(out / name)
+            written.append(write_atomic(out / name, text))
     except OSError as exc:
         raise DataError(f"cannot write: {exc.strerror or exc}", file=out) from None
     return written

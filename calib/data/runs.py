@@ -39,7 +39,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -47,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from calib.specs._files import write_atomic
 from calib.data._io import as_float, as_int, as_str, mapping, need, read_yaml, sequence
 from calib.data.traces import DEFAULT_OUTPUT_RULE, OUTPUT_RULES, SHORT_FRACTION, Skipped, Stage, Trace, assemble_trace
 from calib.errors import CalibError, ConfigError, DataError
@@ -296,10 +296,10 @@ class OutputFolder:
         self.check([name])
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, data)
+        write_atomic(target, data)
         known = self._manifest()
         if name not in known:
-            _atomic_write(self.path / self.MANIFEST, json.dumps(sorted(known | {name}), indent=0).encode())
+            write_atomic(self.path / self.MANIFEST, json.dumps(sorted(known | {name}), indent=0).encode())
         return target
 
     def claim(self, name: str) -> Path:
@@ -309,7 +309,7 @@ class OutputFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         known = self._manifest()
         if name not in known:
-            _atomic_write(self.path / self.MANIFEST, json.dumps(sorted(known | {name}), indent=0).encode())
+            write_atomic(self.path / self.MANIFEST, json.dumps(sorted(known | {name}), indent=0).encode())
         return self.path / name
 
     def write_text(self, name: str, text: str) -> Path:
@@ -323,18 +323,6 @@ class OutputFolder:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
         return self.write_bytes(name, buf.getvalue())
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_calib_meta(path: Path) -> bool:

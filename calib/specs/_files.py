@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import yaml
 
 from calib.errors import CalibError
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DATA_BYTES", "DATA_LIMIT_ENV", "data_limit", "read_bytes", "read_text",
+__all__ = ["write_atomic", "MAX_CONFIG_BYTES", "MAX_DATA_BYTES", "DATA_LIMIT_ENV", "data_limit", "read_bytes", "read_text",
            "decode_text", "load_yaml", "parse_yaml"]
 
 #: Largest description or study file calib reads (model, hardware, study, workloads files are a few kB).
@@ -152,3 +153,28 @@ def parse_yaml(text: str, path: str | Path, error: type[CalibError] = CalibError
 def load_yaml(path: str | Path, limit: int | None = MAX_CONFIG_BYTES, error: type[CalibError] = CalibError) -> Any:
     """Read and parse a YAML file (size-limited, UTF-8, no duplicate keys)."""
     return parse_yaml(read_text(path, limit, error), path, error)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``path`` through a temporary file in its folder and a rename (text as UTF-8).
+
+    A reader, a crash or Ctrl-C sees the old file or the new one, never half
+    of one; a symbolic link at ``path`` is replaced, never followed (nothing
+    is written out of the folder through it).  The file is readable as the
+    umask allows (0644 usually), like any file the user writes.  The one place
+    calib writes a file it produces.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

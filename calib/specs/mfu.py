@@ -680,24 +680,13 @@ def _write_json(db: MFUDatabase, out: Path) -> None:
         f'  "decode": {{\n{tables(decode)}\n  }}\n'
         "}\n"
     )
-    import os
-    import tempfile
+    from calib.specs._files import write_atomic
 
     try:
         if out.exists() and not out.is_file():
             raise ConfigError("is not a file", file=out, field="--out")
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, out)  # whole or not at all; a link at ``out`` is replaced, not written through
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(out, text)  # whole or not at all; a link at ``out`` is replaced, not written through
     except OSError as exc:
         raise ConfigError(f"cannot write: {exc.strerror or exc}", file=out) from None
 

@@ -16,50 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from calib.calibrate.trials import recording
 from calib.errors import StudyError
 from calib.studies.context import RunContext
+from calib.specs._files import write_atomic
 from calib.studies.kinds import KINDS
 from calib.studies.results import Envelope, check_results, software_versions
 from calib.studies.spec import load_study_file
 from calib.studies.storage import check_shareable
 from calib.studies.workers import run_worker
 
-__all__ = ["run_study", "run_worker", "write_results", "write_atomic"]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write ``path`` through a temporary file in its folder and a rename.
-
-    A reader, a crash or Ctrl-C sees the old file or the new one, never half
-    of one; a symbolic link at ``path`` is replaced, never followed (nothing
-    is written out of the folder through it).  The file is readable as the
-    umask allows (0644 usually), like any file the user writes.
-    """
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["run_study", "run_worker", "write_results"]
 
 
 def write_results(results: dict, out_dir: Path) -> Path:
