@@ -216,7 +216,7 @@ def spied_run(tmp_path_factory, data_dir):
     """The tiny calibration study run once, with every Calibrator/SelectBest fit recorded: (held-out model of the
     outer fold being worked on, or None outside the outer loop; the models and row names the fit saw)."""
     from calib.calibrate import Calibrator, SelectBest
-    from calib.studies.kinds import batched_calibration as kind
+    from calib.studies import loaded_nested as kind  # where the kinds run their nested evaluation
     from calib.studies.loaded_data import SearchWindowSplit
 
     seen: dict[str, list] = {"calibrator": [], "select": []}
