@@ -26,6 +26,7 @@ _EXPORTS = {
     "Calibrator": "calib.calibrate",
     "ConfigError": "calib.errors",
     "DataError": "calib.errors",
+    "JointRegressor": "calib.estimators",
     "LoadedRegressor": "calib.estimators",
     "OVERHEAD_MODELS": "calib.physics.overhead",
     "PhysicsOptions": "calib.physics",

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TPOT_DEFINITIONS", "METRICS", "STATS", "APE_KEYS", "AGGREGATIONS", "tpot_ms", "ape", "mape", "stats",
+__all__ = ["TPOT_DEFINITIONS", "METRICS", "STATS", "APE_KEYS", "AGGREGATIONS", "client_ms", "tpot_ms", "ape", "mape", "stats",
            "ape_block", "group_weights", "weighted_mape", "mean_apes"]
 
 TPOT_DEFINITIONS = ("itl", "guidellm")
@@ -52,6 +52,18 @@ AGGREGATIONS = {
     "stage": "mean over load stages of the stage's APE (each stage weighs 1)",
     "run_of_stages": "mean over runs of the mean over the run's stages of the stage's APE (each run weighs 1)",
 }
+
+
+def client_ms(request_latency_ms: float, input_token_latency_us: float, input_tokens):
+    """Client/API-server latency (ms) a request adds to its TTFT and E2E: a constant plus a per-input-token term.
+
+    The API server tokenises the prompt and relays the stream; neither is engine time,
+    so the replay adds this after the fact (it never delays a step).
+
+    >>> client_ms(10.0, 2.0, np.array([1000, 0])).tolist()
+    [12.0, 10.0]
+    """
+    return request_latency_ms + input_token_latency_us * np.asarray(input_tokens, dtype=np.float64) / 1e3
 
 
 def tpot_ms(ttft_us: np.ndarray, e2e_us: np.ndarray, output_tokens: np.ndarray, definition: str = "itl") -> float:

@@ -43,9 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
 from calib.errors import ConfigError
-from calib.metrics import TPOT_DEFINITIONS
-from calib.physics.options import (DECODE_ATTENTION_RULES, MIXED_RULES, PREFILL_ATTENTION_RULES, VARIANTS,
-                                   PhysicsOptions)
+from calib.metrics import TPOT_DEFINITIONS, client_ms
+from calib.physics.options import (DECODE_ATTENTION_RULES, GEMM_MFU_SOURCES, MIXED_RULES, PREFILL_ATTENTION_RULES,
+                                   VARIANTS, PhysicsOptions)
 from calib.physics.overhead import OVERHEAD_MODELS, OverheadModel
 
 __all__ = ["Physics", "Overhead", "Replay", "Settings", "SECTIONS", "FLAT_NAMES", "qualified_name",
@@ -84,7 +84,8 @@ def _f(default: Any, doc: str, **constraints: Any) -> Any:
 class Physics(_Section):
     """The step model (``roofline-spec.md`` §3-§7).  ``None`` takes the variant's choice."""
 
-    variant: Literal[VARIANTS] = _f("v2.3", "formula family: v2.3 (HG1 reconstruction), v2.4, v3 (constant MFU)")
+    variant: Literal[VARIANTS] = _f(
+        "v2.3", "formula family: v2.3 (HG1 reconstruction), v2.4, v3 (constant MFU), v4 (per-kernel rooflines)")
     hardware: str = _f("h100", "hardware description (configs/hardware/<name>.yaml)", min_length=1)
     mfu_rule: Literal["nearest", "interp"] | None = _f(None, "MFU lookup rule (v2.3: nearest, v2.4: interp)")
     gemm_weight_floor: bool | None = _f(None, "each GEMM takes at least the time to load its weights (v2.4)")
@@ -102,6 +103,14 @@ class Physics(_Section):
     mfu_floor: float = _f(0.0, "lower bound on every MFU after scaling", ge=0, lt=1)
     mfu_prefill: float = _f(0.45, "constant prefill MFU of the v3 roofline", ge=MIN_FRACTION, le=1)
     mfu_decode: float = _f(0.30, "constant decode MFU of the v3 roofline", ge=MIN_FRACTION, le=1)
+    gemm_mfu_source: Literal[GEMM_MFU_SOURCES] = _f(
+        "constant", "v4: GEMM compute efficiency from gemm_mfu (constant) or the MFU table at the sharded shape")
+    gemm_mfu: float = _f(0.72, "v4: compute efficiency of every GEMM", ge=MIN_FRACTION, le=1)
+    kernel_floor_us: float = _f(3.0, "v4: fixed cost of every kernel (µs)", ge=0, le=1e4)
+    prefill_attention_mfu: float = _f(0.6, "v4: compute efficiency of prefill attention", ge=MIN_FRACTION, le=1)
+    decode_attention_efficiency: float = _f(0.7, "v4: sustained / peak bandwidth of decode attention",
+                                            ge=MIN_FRACTION, le=1)
+    allreduce_us: float = _f(10.0, "v4: fixed cost of one tensor-parallel all-reduce (µs)", ge=0, le=1e4)
 
     def options(self) -> PhysicsOptions:
         """The :class:`~calib.physics.options.PhysicsOptions` these settings describe."""
@@ -154,6 +163,8 @@ class Replay(_Section):
         None, "predicted TPOT: itl = mean (E2E-TTFT)/(O-1); guidellm = sum E2E / sum O (None: the mode's)")
     request_latency_ms: float = _f(0.0, "client/API-server latency added to each request's TTFT and E2E (ms)",
                                    ge=0, le=60_000)
+    input_token_latency_us: float = _f(0.0, "client/API-server latency per input token (tokenisation) added to "
+                                            "each request's TTFT and E2E (µs)", ge=0, le=10_000)
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -161,6 +172,10 @@ class Replay(_Section):
         if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
             raise ValueError(f"must be an integer, got {v!r}")
         return v
+
+    def client_ms(self, input_tokens):
+        """Client latency (ms) of requests with these input token counts (:func:`calib.metrics.client_ms`)."""
+        return client_ms(self.request_latency_ms, self.input_token_latency_us, input_tokens)
 
     @property
     def phantom(self) -> bool:

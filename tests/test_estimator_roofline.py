@@ -201,6 +201,11 @@ def test_request_latency_adds_to_ttft_and_e2e(small):
     np.testing.assert_allclose(b["ttft"] - a["ttft"], 7.0)
     np.testing.assert_allclose(b["e2e"] - a["e2e"], 7.0)
     np.testing.assert_allclose(b["tpot_itl"], a["tpot_itl"])
+    c = RooflineRegressor(per_layer_us=80, input_token_latency_us=3.0).fit(small).predict_all(small)
+    shift = (c["ttft"] - a["ttft"]).to_numpy()
+    np.testing.assert_allclose(c["e2e"] - a["e2e"], shift)
+    means = [RooflineRegressor().replay(row).requests.input_tokens.mean() for _, row in small.iterrows()]
+    np.testing.assert_allclose(shift, 3e-3 * np.array(means))  # 3 µs per token of each request's prompt
 
 
 def test_guidellm_run_with_actual_requests(shared_data):

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -171,6 +171,35 @@ class NestedResult:
     def per_row(self, metric: str, seed: int, candidate: str | None = None) -> dict[str, float]:
         """Held-out APE of ``metric`` per row name (the inner choice's when ``candidate`` is None)."""
         return {r["row"]: r["ape"][metric] for r in self._rows(seed, candidate)}
+
+    def subset(self, weights: Mapping[str, float], aggregation: str) -> "NestedResult":
+        """The same result restricted to the held-out rows named in ``weights``, each reweighted by it.
+
+        Per record and choice the held-out ``rows`` are filtered and ``test`` is recomputed as the weighted
+        mean APE over the rows kept; a fold none of whose test rows is kept is dropped (with its records and
+        choices).  For a table holding two kinds of row (synchronous experiments and load stages), this gives
+        each kind's held-out figures under its own aggregation, :func:`summarize` reading it unchanged.
+        """
+        keep = {str(k): float(v) for k, v in weights.items()}
+
+        def restrict(entries: list[dict]) -> list[dict]:
+            out = []
+            for e in entries:
+                rows = [{**row, "weight": keep[row["row"]]} for row in e["rows"] if row["row"] in keep]
+                if not rows:
+                    continue
+                w = [row["weight"] for row in rows]
+                metrics = list(rows[0]["ape"])
+                test = {m: float(np.average([row["ape"][m] for row in rows], weights=w)) for m in metrics}
+                out.append({**e, "rows": rows, "test": test})
+            return out
+
+        folds = [{**f, "test": [t for t in f["test"] if t in keep]} for f in self.folds]
+        folds = [f for f in folds if f["test"]]
+        kept = {f["fold"] for f in folds}
+        return NestedResult(list(self.candidates), list(self.seeds), folds,
+                            [r for r in restrict(self.records) if r["fold"] in kept],
+                            [c for c in restrict(self.choices) if c["fold"] in kept], aggregation)
 
     def to_dict(self) -> dict:
         """JSON-able."""

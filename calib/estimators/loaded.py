@@ -168,11 +168,12 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         """
         settings = self._check_params()
         X = _check_frame(X)
-        latency = settings.replay.request_latency_ms
+        rp = settings.replay
         by_trace: dict[tuple, list[int]] = {}
         for pos, key in enumerate(_trace_keys(X)):
             by_trace.setdefault(key, []).append(pos)
         cols = {c: np.empty(len(X), dtype=t) for c, t in _OUTPUT.items()}
+        inputs = np.empty(len(X))
         stage_col = X["stage"].to_numpy()
         for key, pos in by_trace.items():
             stages = self._stages(key, settings)
@@ -180,10 +181,13 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
             unknown = sorted(set(k.tolist()) - set(stages.index.tolist()))
             if unknown:
                 raise DataError(f"run {X['run'].iloc[pos[0]]} has no stage {unknown[0]}", file=key[0], field="stage")
+            at = stages.index.get_indexer(k)
             for c in cols:
-                cols[c][pos] = stages[c].to_numpy()[stages.index.get_indexer(k)]
-        cols["ttft"] += latency
-        cols["e2e"] += latency
+                cols[c][pos] = stages[c].to_numpy()[at]
+            inputs[pos] = stages["input_mean"].to_numpy()[at]
+        client = rp.client_ms(inputs)  # mean of the per-request client latency over the compared requests
+        cols["ttft"] += client
+        cols["e2e"] += client
         return pd.DataFrame(cols, index=X.index)
 
     @staticmethod
@@ -210,9 +214,9 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         return run
 
     def _stages(self, trace_key: tuple, settings: Settings) -> pd.DataFrame:
-        """Per-stage predicted means of one (run, output rule, window) without the request latency (cached)."""
+        """Per-stage predicted means of one (run, output rule, window) without the client latency (cached)."""
         source, output_rule, window_s = trace_key
-        base = settings.with_values({"request_latency_ms": 0.0})
+        base = settings.with_values({"request_latency_ms": 0.0, "input_token_latency_us": 0.0})
         key = (trace_key, self.prefix, self.cached_prefill_pi, self.max_steps, settings.physics.hardware,
                settings.physics_options(), settings.overhead_model())
         stages = _STAGES.get(key)

@@ -124,8 +124,9 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
             summary = _PREDICTIONS.get(key)
             if summary is None:
                 overhead = overhead or settings.overhead_model()
-                times = self.replay(row, settings).run(overhead)
-                summary = _summarise(times, settings.replay.tpot, settings.replay.request_latency_ms)
+                rep = self.replay(row, settings)
+                times = rep.run(overhead)
+                summary = _summarise(times, settings.replay.tpot, settings.replay.client_ms(rep.requests.input_tokens))
                 _PREDICTIONS[key] = summary
                 if len(_PREDICTIONS) > _MAX_PREDICTIONS:
                     _PREDICTIONS.popitem(last=False)
@@ -166,8 +167,9 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         return rep
 
 
-def _summarise(times: RequestTimes, tpot_def: str, latency_ms: float = 0.0) -> dict:
-    extra_us = latency_ms * 1e3
+def _summarise(times: RequestTimes, tpot_def: str, client_ms=0.0) -> dict:
+    """Experiment means; ``client_ms`` (scalar or per request) is added to every TTFT and E2E."""
+    extra_us = np.asarray(client_ms, dtype=np.float64) * 1e3
     ttft, e2e = times.ttft_us + extra_us, times.e2e_us + extra_us
     itl = tpot_ms(ttft, e2e, times.output_tokens, "itl")
     gl = tpot_ms(ttft, e2e, times.output_tokens, "guidellm")

@@ -29,6 +29,12 @@ With ``q`` decode entries of contexts ``PI_r`` (``kind`` of :class:`FastSteps`):
     the MFU is not affine (the < 1e-4 zero fallback, clipping by the MFU scale
     or floor, the ``nearest`` rule, and ``q = 1``) a piece is summed request by
     request from the tabulated MFU.
+``"v4"``
+    ``(q, Σ PI)``: :class:`~calib.physics.roofline_v4.V4Terms` splits a step into terms of
+    its token count ``M`` (tabulated), of its sequence count (tabulated), of its
+    prefill entries (cached per set of entries) and a decode attention linear in
+    ``(q, Σ PI)``; every term is evaluated by the same ``V4Terms`` methods as the
+    vectorised model, so v4 is bit-identical.
 ``"v3"``
     ``(q, Σ PI)``: constant MFUs, and the FLOPs and bytes of a decode entry are
     affine in ``PI`` (:func:`~calib.physics.roofline_v3.decode_flops_terms`);
@@ -75,7 +81,8 @@ _BUCKETS = tuple(512 << i for i in range(8))  # 512 .. 65536
 _KNOWN_OPTIONS = frozenset({
     "variant", "mfu_rule", "gemm_weight_floor", "decode_attention", "prefill_attention", "mixed_rule",
     "min_step_us", "tp_fallback", "bw_efficiency", "gemm_mfu_scale", "prefill_attention_mfu_scale",
-    "decode_attention_mfu_scale", "mfu_floor", "mfu_prefill", "mfu_decode",
+    "decode_attention_mfu_scale", "mfu_floor", "mfu_prefill", "mfu_decode", "gemm_mfu_source", "gemm_mfu",
+    "kernel_floor_us", "prefill_attention_mfu", "decode_attention_efficiency", "allreduce_us",
 })
 #: Queries per decode-MFU fill call (one call has a fixed cost; ~0.1 µs per query on top).
 _TILE = 16384
@@ -113,8 +120,8 @@ def _kind(step_model, plain_parts: bool) -> str | None:
     opts = step_model.options
     if not plain_parts or not {f.name for f in fields(opts)} <= _KNOWN_OPTIONS:
         return None
-    if opts.variant == "v3":
-        return "v3"
+    if opts.variant in ("v3", "v4"):
+        return opts.variant
     if opts.variant in ("v2.3", "v2.4"):
         return "max_context" if opts.decode_attention == "max_context" else "per_request"
     return None
@@ -180,6 +187,9 @@ class FastSteps:
             self._init_v3(model, hw)
             self.decode_hw_us = self._decode_closure()
             self.step_stats_hw_us = self._stats_v3
+            return
+        if self.kind == "v4":
+            self._init_v4()
             return
         self.mfu = step_model.mfu
         self.flops = hw.flops_peak
@@ -451,6 +461,60 @@ class FastSteps:
         memory = (self.weight_bytes(p_tok + q) + p_dyn + d_dyn) * s / self.bw
         return (compute if compute >= memory else memory) * 1e6
 
+    # ------------------------------------------------------------------ v4
+
+    def _init_v4(self) -> None:
+        from calib.physics.roofline_v4 import V4Terms
+
+        sm = self.step_model
+        self.terms = V4Terms.build(sm.model, sm.hardware, sm.tp, self.options, sm.mfu)
+        self._fixed: list[float] = []  # fixed_s(M) by token count M
+        self._lm: list[float] = []     # lm_head_s(n) by sequence count n
+        fixed, lm, grow, da = self._fixed, self._lm, self._grow_v4, self.terms.decode_attention_s
+
+        def decode_v4(q: int, max_pi: int = 0, sum_pi: int = 0, fm_sum: float = 0.0) -> float:
+            if q >= len(fixed):
+                grow(q)
+            return ((fixed[q] + lm[q]) + da(q, float(sum_pi + q))) * 1e6
+
+        self.decode_hw_us = decode_v4
+        self.step_stats_hw_us = self._stats_v4
+
+    def _grow_v4(self, n: int) -> None:
+        """Extend the token-count and sequence-count tables past ``n``."""
+        have = len(self._fixed)
+        size = -(-max(n + 1, self._m_hint, 2 * have) // 1024) * 1024
+        idx = np.arange(have, size, dtype=np.float64)
+        self._fixed.extend(self.terms.fixed_s(idx).tolist())
+        self._lm.extend(self.terms.lm_head_s(idx).tolist())
+
+    def _stats_v4(self, p_pi, p_n, q: int = 0, max_pi: int = 0, sum_pi: int = 0, fm_sum=None) -> float:
+        if not len(p_n):
+            return self.decode_hw_us(q, max_pi, sum_pi)
+        return self._step_v4(p_pi, p_n, q, sum_pi)
+
+    def _step_v4(self, p_pi, p_n, q: int, sum_pi: int) -> float:
+        """One step with prefill entries: the same terms and additions as ``hardware_time_v4``."""
+        t = self.terms
+        key = ("v4", p_pi[0], p_n[0]) if len(p_n) == 1 else ("v4", tuple(p_pi), tuple(p_n))
+        part = self._pcache.get(key)
+        if part is None:
+            flops = nbytes = 0.0
+            p_tok = 0
+            for pi, n in zip(p_pi, p_n):
+                f, b = t.prefill_attention_parts(float(pi), float(n))
+                flops += float(f)
+                nbytes += float(b)
+                p_tok += n
+            pa = float(t.prefill_attention_s(flops, nbytes)) if p_tok > 0 else 0.0
+            part = self._cache_part(key, (pa, p_tok, len(p_n)))
+        pa, p_tok, n_p = part
+        M, n_seq = p_tok + q, n_p + q
+        top = max(M, n_seq)
+        if top >= len(self._fixed):
+            self._grow_v4(top)
+        return t.total_s(self._fixed[M], self._lm[n_seq], pa, t.decode_attention_s(q, float(sum_pi + q))) * 1e6
+
     # ------------------------------------------------------------------ decode-only steps (every kind)
 
     def _decode_closure(self):
@@ -523,6 +587,11 @@ class FastSteps:
                 flops = np.array([float(q * self.f0 + self.f1 * (sum_pi + q * j)) for j in range(k)])
             mem = (self.weight_bytes(q) + (float(q * self.dyn0) + self.k_tok * S)) * s / self.bw
             return np.maximum(flops * s / self.pk_d, mem) * 1e6
+        if kind == "v4":
+            if q >= len(self._fixed):
+                self._grow_v4(q)
+            base = self._fixed[q] + self._lm[q]
+            return (base + self.terms.decode_attention_s(q, S + q)) * 1e6
         if kind == "max_context":
             comp = self.decode_compute_row(q, max_pi + k - 1)[max_pi : max_pi + k]
         else:
@@ -586,6 +655,8 @@ class FastSteps:
             if not len(p_n):
                 return self.decode_hw_us(q, max_pi, sum_pi)
             return self._step_v3(p_pi, p_n, q, sum_pi)
+        if kind == "v4":
+            return self._stats_v4(p_pi, p_n, q, max_pi, sum_pi)
         return self._step_v2(p_pi, p_n, q, max_pi, sum_pi, fm_sum, d_pis)
 
     def step_stats_hw_us(self, p_pi, p_n, q: int = 0, max_pi: int = 0, sum_pi: int = 0, fm_sum=None) -> float:

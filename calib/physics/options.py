@@ -14,14 +14,15 @@ from typing import Any
 
 from calib.errors import ConfigError
 
-__all__ = ["PhysicsOptions", "VARIANTS", "MIXED_RULES", "DECODE_ATTENTION_RULES", "PREFILL_ATTENTION_RULES"]
+__all__ = ["PhysicsOptions", "VARIANTS", "GEMM_MFU_SOURCES", "MIXED_RULES", "DECODE_ATTENTION_RULES", "PREFILL_ATTENTION_RULES"]
 
-VARIANTS = ("v2.3", "v2.4", "v3")
+VARIANTS = ("v2.3", "v2.4", "v3", "v4")
 MIXED_RULES = ("weighted", "max", "additive")
 DECODE_ATTENTION_RULES = ("max_context", "per_request")
 PREFILL_ATTENTION_RULES = ("bucket", "actual")
 _MFU_RULES = ("nearest", "interp")
 _TP_FALLBACKS = ("tp1", "nearest")
+GEMM_MFU_SOURCES = ("constant", "table")
 
 _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "v2.3": dict(
@@ -52,6 +53,17 @@ _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         min_step_us=0.0,
         tp_fallback="tp1",
         bw_efficiency=1.0,
+    ),
+    # v4 (calib.physics.roofline_v4): per-kernel rooflines; the v2 switches are unused there.
+    "v4": dict(
+        mfu_rule="interp",
+        gemm_weight_floor=False,
+        decode_attention="per_request",
+        prefill_attention="actual",
+        mixed_rule="additive",
+        min_step_us=0.0,
+        tp_fallback="nearest",
+        bw_efficiency=0.94,
     ),
 }
 
@@ -90,6 +102,19 @@ class PhysicsOptions:
         Lower bound on every MFU after scaling, in [0, 1).
     mfu_prefill, mfu_decode : float
         The constant MFUs of the v3 roofline.
+    gemm_mfu_source : {"constant", "table"}
+        v4: a GEMM's compute efficiency is ``gemm_mfu`` (default) or the MFU table's at the
+        sharded shape and 4096 rows, times ``gemm_mfu_scale``.
+    gemm_mfu : float
+        v4: compute efficiency of every GEMM (measured H100 prefill GEMMs: 0.66-0.77).
+    kernel_floor_us : float
+        v4: fixed cost of every kernel (measured: 3-5 µs).
+    prefill_attention_mfu : float
+        v4: compute efficiency of prefill attention.
+    decode_attention_efficiency : float
+        v4: fraction of the peak bandwidth at which decode attention reads the KV cache.
+    allreduce_us : float
+        v4: fixed cost of one tensor-parallel all-reduce (two per layer when TP > 1).
 
     Examples
     --------
@@ -114,6 +139,12 @@ class PhysicsOptions:
     mfu_floor: float = 0.0
     mfu_prefill: float = 0.45
     mfu_decode: float = 0.30
+    gemm_mfu_source: str = "constant"
+    gemm_mfu: float = 0.72
+    kernel_floor_us: float = 3.0
+    prefill_attention_mfu: float = 0.6
+    decode_attention_efficiency: float = 0.7
+    allreduce_us: float = 10.0
 
     def __post_init__(self) -> None:
         choices = {
@@ -123,6 +154,7 @@ class PhysicsOptions:
             "prefill_attention": PREFILL_ATTENTION_RULES,
             "mixed_rule": MIXED_RULES,
             "tp_fallback": _TP_FALLBACKS,
+            "gemm_mfu_source": GEMM_MFU_SOURCES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -133,10 +165,12 @@ class PhysicsOptions:
             raise ConfigError("must be true or false", field="gemm_weight_floor")
         for name in ("gemm_mfu_scale", "prefill_attention_mfu_scale", "decode_attention_mfu_scale"):
             _number(self, name, low=0.0, low_open=True)
-        for name in ("mfu_prefill", "mfu_decode"):
+        for name in ("mfu_prefill", "mfu_decode", "gemm_mfu", "prefill_attention_mfu", "decode_attention_efficiency"):
             _number(self, name, low=0.0, low_open=True, high=1.0)
         _number(self, "mfu_floor", low=0.0, high=1.0, high_open=True)
         _number(self, "min_step_us", low=0.0)
+        _number(self, "kernel_floor_us", low=0.0, high=1e4)
+        _number(self, "allreduce_us", low=0.0, high=1e4)
         if self.bw_efficiency is not None:
             _number(self, "bw_efficiency", low=0.0, low_open=True, high=1.0)
 

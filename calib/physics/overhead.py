@@ -28,6 +28,7 @@ __all__ = [
     "PerStepPlusPerLayer",
     "PrefillDecodeSplit",
     "BatchLinear",
+    "PerSequence",
     "OVERHEAD_MODELS",
     "make_overhead",
     "param",
@@ -147,8 +148,32 @@ class BatchLinear(OverheadModel):
         return (self.a_us + self.b_us * batch) * L / tp
 
 
+@dataclass(frozen=True)
+class PerSequence(OverheadModel):
+    """``step_us_const + per_seq_us * batch``: the engine's CPU work per step, growing with the requests in it.
+
+    Scheduling, input preparation, sampling and detokenisation are done per
+    sequence of the step on the CPU, independent of the layer count and TP (the
+    GPU side, kernel fixed costs included, is the v4 roofline's).
+
+    >>> PerSequence(500.0, 10.0).step_us({"n_prefill": np.array([1, 0]), "n_decode": np.array([31, 0])}, 32, 1).tolist()
+    [820.0, 0.0]
+    """
+
+    step_us_const: float = param(500.0, "fixed µs per non-empty step (scheduler, launch of the step)",
+                                 search=(0.0, 3000.0))
+    per_seq_us: float = param(10.0, "µs per request in the step (input preparation, sampling, detokenisation)",
+                              search=(0.0, 100.0))
+    name: ClassVar[str] = "per_sequence"
+
+    def _per_step(self, f, L, tp):
+        batch = np.asarray(f["n_prefill"]) + np.asarray(f["n_decode"])
+        return self.step_us_const + self.per_seq_us * batch
+
+
 OVERHEAD_MODELS: dict[str, type[OverheadModel]] = {
-    cls.name: cls for cls in (PerLayer, PerLayerTPPower, PerStepPlusPerLayer, PrefillDecodeSplit, BatchLinear)
+    cls.name: cls for cls in (PerLayer, PerLayerTPPower, PerStepPlusPerLayer, PrefillDecodeSplit, BatchLinear,
+                              PerSequence)
 }
 
 

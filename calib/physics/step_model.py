@@ -72,6 +72,11 @@ class StepModel:
             from calib.physics.roofline_v3 import hardware_time_v3
 
             return hardware_time_v3(batch, model=self.model, hardware=self.hardware, tp=self.tp, options=self.options)
+        if self.options.variant == "v4":
+            from calib.physics.roofline_v4 import hardware_time_v4
+
+            return hardware_time_v4(batch, model=self.model, hardware=self.hardware, tp=self.tp, options=self.options,
+                                    mfu=self.mfu)
         return hardware_time(batch, model=self.model, hardware=self.hardware, mfu=self.mfu, tp=self.tp,
                              options=self.options)
 

@@ -66,7 +66,7 @@ import pandas as pd
 
 from calib.data.traces import Stage, Trace
 from calib.errors import ConfigError, DataError
-from calib.metrics import METRICS, stats
+from calib.metrics import METRICS, client_ms, stats
 from calib.physics.overhead import OverheadModel
 from calib.physics.step_model import StepModel
 from calib.replay.engine import EngineResult, SchedulerConfig, StepTimer, run_engine
@@ -527,7 +527,7 @@ class BatchedRun:
         return ri
 
     def run(self, step_model: StepModel, overhead: OverheadModel | None, *, record_steps: bool | None = None,
-            request_latency_ms: float = 0.0) -> BatchedReplay:
+            request_latency_ms: float = 0.0, input_token_latency_us: float = 0.0) -> BatchedReplay:
         """Replay under ``step_model`` + ``overhead``.
 
         Parameters
@@ -539,16 +539,20 @@ class BatchedRun:
         request_latency_ms : float
             Client-side latency added to every request's TTFT and E2E (not to
             TPOT and not to the engine's time): see the module docstring.
+        input_token_latency_us : float
+            Client-side latency per input token, added likewise (:func:`calib.metrics.client_ms`).
         """
-        if isinstance(request_latency_ms, bool) or not np.isfinite(request_latency_ms) or request_latency_ms < 0:
-            raise ConfigError(f"must be a finite number >= 0, got {request_latency_ms!r}", field="request_latency_ms")
+        for name, v in (("request_latency_ms", request_latency_ms), ("input_token_latency_us", input_token_latency_us)):
+            if isinstance(v, bool) or not np.isfinite(v) or v < 0:
+                raise ConfigError(f"must be a finite number >= 0, got {v!r}", field=name)
         inputs = self.inputs(int(getattr(step_model.model, "max_context", 0) or 0))
         if record_steps is not None and record_steps != inputs.scheduler.record_steps:
             inputs = replace(inputs, scheduler=replace(inputs.scheduler, record_steps=record_steps))
         timer = StepTimer(step_model, overhead)
         res = replay_requests(timer, inputs)
-        ttft = res.ttft_us / 1e3 + float(request_latency_ms)
-        e2e = res.e2e_us / 1e3 + float(request_latency_ms)
+        client = client_ms(float(request_latency_ms), float(input_token_latency_us), inputs.input_tokens)
+        ttft = res.ttft_us / 1e3 + client
+        e2e = res.e2e_us / 1e3 + client
         out = inputs.output_tokens
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(out > 1, (e2e - ttft) / (out - 1), np.nan)

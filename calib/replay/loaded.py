@@ -307,8 +307,12 @@ def load_runs(data_dir: str | os.PathLike | None = None, runs: Sequence[str] | N
 # ======================================================================================= physics
 
 
+#: Step-model variants that time a mixture-of-experts model.
+MOE_VARIANTS = ("v3", "v4")
+
+
 def supports(model_name: str, variant: str) -> tuple[bool, str]:
-    """Whether the step model ``variant`` can time ``model_name`` (a mixture-of-experts model needs v3).
+    """Whether the step model ``variant`` can time ``model_name`` (a mixture-of-experts model needs v3 or v4).
 
     >>> supports("llama-2-7b-hf", "v2.3")
     (True, '')
@@ -316,9 +320,9 @@ def supports(model_name: str, variant: str) -> tuple[bool, str]:
     from calib.specs import load_model
 
     m = load_model(model_name)
-    if m.is_moe and variant != "v3":
+    if m.is_moe and variant not in MOE_VARIANTS:
         return False, (f"{model_name} is a mixture-of-experts model ({m.num_experts} experts, {m.experts_per_token} "
-                       f"per token); the {variant} roofline has no MoE support (only v3 does, spec §5.3)")
+                       f"per token); the {variant} roofline has no MoE support (only v3, spec §5.3, and v4 do)")
     return True, ""
 
 
@@ -394,7 +398,8 @@ def replay_run(run: LoadedRun, settings: Settings, *, window_s: float | None = N
     sm = step_model(run.model, run.trace.tp, options, settings.physics.hardware)
     return run.windowed(window_s).run(sm, settings.overhead_model(),
                                       record_steps=record_steps if window_s is None else False,
-                                      request_latency_ms=settings.replay.request_latency_ms)
+                                      request_latency_ms=settings.replay.request_latency_ms,
+                                      input_token_latency_us=settings.replay.input_token_latency_us)
 
 
 # ======================================================================================= statistics
@@ -560,14 +565,18 @@ def stage_means(rep: BatchedReplay) -> pd.DataFrame:
     Columns ``ttft``, ``tpot``, ``e2e`` (predicted means, ms, over the
     requests the replay finished; TPOT over those whose measured TPOT is
     defined), ``n_compared`` (requests finished), ``saturated`` and
-    ``runaway`` (:func:`saturation`).
+    ``runaway`` (:func:`saturation`), ``input_mean`` (mean input tokens of the requests compared on
+    TTFT and E2E: what a per-input-token client latency adds to those means, per token).
     """
     rows = []
+    inp = np.asarray(rep.inputs.input_tokens, dtype=np.float64)
     for k, mask in enumerate(rep.stage_masks()):
         s = rep.summary(mask)
         sat = saturation(rep, mask)
+        done = rep.compared(mask)["e2e"]
         rows.append({"stage": k, **{m: s["predicted"][m]["mean"] for m in METRICS}, "n_compared": s["n_compared"],
-                     "saturated": sat["saturated"], "runaway": sat["runaway"]})
+                     "saturated": sat["saturated"], "runaway": sat["runaway"],
+                     "input_mean": float(inp[done].mean()) if done.any() else float("nan")})
     return pd.DataFrame(rows).set_index("stage")
 
 

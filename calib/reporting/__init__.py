@@ -33,7 +33,8 @@ STAGING_PREFIX = ".calib-staging-"
 
 #: study kind -> report module under calib.reporting
 REPORTS = {kind: kind for kind in ("hg1", "split_sensitivity", "per_group", "per_family", "overhead_models", "seeds",
-                                   "physics", "batched_validation", "batched_calibration")}
+                                   "physics", "batched_validation", "batched_calibration",
+                                   "joint")}
 
 
 def write_report(results: dict, out_dir: Path) -> list[Path]:

@@ -25,7 +25,8 @@ __all__ = ["HardwareSpec", "load_hardware", "available_hardware"]
 HARDWARE_DIR = config_path("hardware")
 #: Upper limits of the numbers of a hardware file (about 1000x today's accelerators: a typo, not a GPU).
 MAX_TFLOPS, MAX_TBS, MAX_GIB = 1e6, 1e4, 1e7
-_FIELDS = {"name", "tflops_peak", "bw_peak_tbs", "bw_efficiency", "mfu_table", "memory_gib", "tflops_fp8", "description"}
+_FIELDS = {"name", "tflops_peak", "bw_peak_tbs", "bw_efficiency", "mfu_table", "memory_gib", "tflops_fp8", "description",
+           "link_bw_gbs"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class HardwareSpec:
     mfu_table: str = ""
     memory_gib: float = 0.0
     tflops_fp8: float = 0.0
+    link_bw_gbs: float = 0.0
     source: str = ""
 
     @property
@@ -108,5 +110,6 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
         mfu_table=str(data.get("mfu_table", path.stem)),
         memory_gib=number("memory_gib", 0.0, positive=False, at_most=MAX_GIB),
         tflops_fp8=number("tflops_fp8", 0.0, positive=False, at_most=MAX_TFLOPS),
+        link_bw_gbs=number("link_bw_gbs", 0.0, positive=False, at_most=MAX_TBS * 1e3),
         source=str(path),
     )

@@ -357,6 +357,9 @@ OTHER_RUNS_RULE = ("the mixture-of-experts and overloaded runs are in no fold: e
                    "'unsupported' with the reason, and overloaded runs are reported apart from accuracy figures")
 #: Settings a loaded calibration may not search: the variant (it decides MoE support), hardware, replay options.
 _FIXED = ("physics.variant", "physics.hardware", "overhead.model")
+#: Replay settings a loaded calibration may search: client-side latencies, which a loaded replay honours (the
+#: per-input-token one once :mod:`calib.settings` defines it; until then it is an unknown parameter).
+SEARCHABLE_REPLAY = ("replay.request_latency_ms", "replay.input_token_latency_us")
 
 
 class LoadedSearch(Strict):
@@ -419,7 +422,7 @@ def loaded_space(raw: Mapping[str, Any], base: Settings, where: str) -> dict:
         space = make_space(raw, base)
     except CalibError as exc:
         raise ValueError(f"{where}: {exc.message}") from None
-    bad = [k for k in space if k in _FIXED or (k.startswith("replay.") and k != "replay.request_latency_ms")]
+    bad = [k for k in space if k in _FIXED or (k.startswith("replay.") and k not in SEARCHABLE_REPLAY)]
     if bad:
         raise ValueError(f"{where}: {bad[0]} cannot be searched (fixed per candidate, or no loaded-replay setting)")
     return space
@@ -464,18 +467,31 @@ class SearchWindowSplit:
     """Leave one group out, fitting on the windowed rows of the other groups and scoring the group's full rows.
 
     Rows with a ``window_s`` (:func:`stage_table`) are fitted, rows without one are scored; when no row has a
-    window every row is both, and this is ``LeaveOneGroupOut``.  Groups in sorted order.
+    window every row is both, and this is ``LeaveOneGroupOut``.  With a ``dataset`` column (a table stacking
+    load stages and synchronous experiments, :mod:`calib.studies.kinds.joint`) the rule holds per dataset: the
+    rows of a dataset without any windowed row are both fitted and scored.  Groups in sorted order.
     """
 
-    def split(self, X, y=None, groups=None):
+    @staticmethod
+    def _masks(X) -> tuple[np.ndarray, np.ndarray]:
+        """``(fit, score)``: which rows the searches fit and which the held-out scores read."""
         windowed = X["window_s"].notna().to_numpy()
-        fit = windowed if windowed.any() else np.ones(len(X), bool)
+        parts = X["dataset"].astype(str).to_numpy() if "dataset" in X.columns else np.zeros(len(X), dtype=object)
+        fit, score = np.ones(len(X), bool), np.ones(len(X), bool)
+        for part in np.unique(parts):
+            mine = parts == part
+            if windowed[mine].any():
+                fit[mine], score[mine] = windowed[mine], ~windowed[mine]
+        return fit, score
+
+    def split(self, X, y=None, groups=None):
+        fit, score = self._masks(X)
         labels = np.asarray(groups).astype(str)
-        for g in np.unique(labels[~windowed]):
-            yield np.flatnonzero(fit & (labels != g)), np.flatnonzero(~windowed & (labels == g))
+        for g in np.unique(labels[score]):
+            yield np.flatnonzero(fit & (labels != g)), np.flatnonzero(score & (labels == g))
 
     def get_n_splits(self, X=None, y=None, groups=None) -> int:
-        return len(np.unique(np.asarray(groups).astype(str)[X["window_s"].isna().to_numpy()]))
+        return len(np.unique(np.asarray(groups).astype(str)[self._masks(X)[1]]))
 
 
 def _estimator(calibrator, params: Mapping[str, Any]):

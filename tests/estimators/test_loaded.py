@@ -106,6 +106,12 @@ def test_one_replay_per_run_and_settings(X, counted):
     assert len(counted) == 3  # the request latency does not change the schedule: no new replay
     assert (late["ttft"] - base["ttft"]).tolist() == pytest.approx([12.0] * 6)
     assert late["tpot"].tolist() == pytest.approx(base["tpot"].tolist())
+    tok = clone(est).set_params(input_token_latency_us=2.0).fit(X).predict_all(X)
+    assert len(counted) == 3  # nor does the per-input-token client latency
+    shift = (tok["ttft"] - base["ttft"]).to_numpy()
+    assert (shift > 0).all() and np.allclose(tok["e2e"] - base["e2e"], shift)
+    # 2 µs per token: the shift is 2e-3 ms times the stage's mean input length (hundreds to thousands of tokens)
+    assert ((shift / 2e-3 > 50) & (shift / 2e-3 < 20000)).all()
     clone(est).set_params(per_layer_us=90.0).fit(X).predict_all(X)
     assert len(counted) == 6
 

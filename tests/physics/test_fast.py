@@ -48,7 +48,12 @@ CASES = {
     "v2.4-floor": ("llama-2-7b-hf", 1, {"variant": "v2.4", "mfu_floor": 0.0025}),
     "v2.4-clip": ("llama-2-7b-hf", 1, {"variant": "v2.4", "decode_attention_mfu_scale": 500.0}),
     "v2.4-additive": ("llama-2-7b-hf", 4, {"variant": "v2.4", "mixed_rule": "additive"}),
+    "v4": ("llama-2-7b-hf", 1, {"variant": "v4"}),
+    "v4-mixtral": ("mixtral-8x7b-v0.1", 2, {"variant": "v4"}),
+    "v4-70b-tp4-table": ("llama-2-70b-hf", 4, {"variant": "v4", "gemm_mfu_source": "table", "kernel_floor_us": 0.0}),
 }
+#: kinds whose fast path is bit-identical to the vectorised model
+EXACT = ("v3", "v4")
 PER_REQUEST = [k for k, (_, _, o) in CASES.items()
                if o.get("decode_attention", "per_request" if o["variant"] == "v2.4" else "") == "per_request"]
 
@@ -93,6 +98,7 @@ steps_strategy = st.fixed_dictionaries({
 def test_every_variant_has_a_fast_path():
     kinds = {name: model_of(name).fast.kind for name in CASES}
     assert kinds["v2.3"] == "max_context" and kinds["v2.4"] == "per_request" and kinds["v3"] == "v3"
+    assert kinds["v4"] == "v4" and kinds["v4-mixtral"] == "v4"
     assert kinds["v3-mixtral"] == "v3" and all(k is not None for k in kinds.values())
 
 
@@ -125,7 +131,7 @@ def test_general_step_equals_reference(name, case):
         decode = [1000]
     ref = ref_us(sm, prefill, decode)
     p_pi, p_n = [p for p, _ in prefill], [n for _, n in prefill]
-    v3 = f.kind == "v3"
+    v3 = f.kind in EXACT
     explicit = f.step_hw_us(p_pi, p_n, d_pis=decode)
     assert close(explicit, ref, exact=v3 or len(decode) <= 1), (explicit, ref)
     q, mx, sm_, fm = stats_of(sm, decode, D)
@@ -135,7 +141,7 @@ def test_general_step_equals_reference(name, case):
         assert f.decode_hw_us(q, mx, sm_, fm) == from_stats
 
 
-@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral"])
+@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral", "v4", "v4-mixtral"])
 def test_steps_at_most_one_decode_entry_are_bit_identical(name):
     sm = model_of(name)
     f = sm.fast
@@ -192,11 +198,12 @@ def test_decode_runs_equal_reference(name):
                for j in range(k)]
         np.testing.assert_allclose(vec, ref, rtol=REL)
         assert np.array_equal(vec, one)  # the vectorised run and the one-step function agree exactly
-        if f.kind == "v3":
+        if f.kind in EXACT:
             assert np.array_equal(vec, ref)
 
 
-@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral", "v2.4-floor", "v2.3-per_request-nearest"])
+@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral", "v2.4-floor", "v2.3-per_request-nearest",
+                                  "v4", "v4-mixtral"])
 def test_solo_decode_row_is_bit_identical(name):
     sm = model_of(name)
     pis = np.arange(1, 5000, 7)

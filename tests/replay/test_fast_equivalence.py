@@ -31,6 +31,8 @@ VARIANTS = {
     "v2.4-floor": ("llama-2-7b-hf", 1, {"variant": "v2.4", "mfu_floor": 0.0025}),
     "v2.3-per_request": ("llama-2-7b-hf", 2, {"variant": "v2.3", "decode_attention": "per_request"}),
     "v2.3-additive": ("llama-2-7b-hf", 2, {"variant": "v2.3", "mixed_rule": "additive"}),
+    "v4": ("llama-2-7b-hf", 1, {"variant": "v4"}),
+    "v4-mixtral-tp2": ("mixtral-8x7b-v0.1", 2, {"variant": "v4"}),
 }
 
 
@@ -106,7 +108,7 @@ def test_long_runs_across_mfu_knots(name):
     assert fast.steps["batch_size"].max() >= 3
 
 
-@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral"])
+@pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral", "v4", "v4-mixtral-tp2"])
 def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
     """Many requests (the explicit engine with the fast timer: explicit decode contexts per step)."""
     sm = model_of(name)

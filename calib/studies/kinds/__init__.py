@@ -32,6 +32,7 @@ _MODULES = {
     "physics": "physics",
     "batched_validation": "batched_validation",
     "batched_calibration": "batched_calibration",
+    "joint": "joint",
 }
 
 
