@@ -244,7 +244,8 @@ class SelectBest(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
     Attributes
     ----------
     inner_scores_ : dict
-        Candidate name -> per-fold inner held-out scores.
+        Candidate name -> per-fold inner held-out scores (empty with a single candidate: there is nothing to
+        choose, so no inner cross-validation is run).
     best_index_ : int
     best_name_ : str
     best_estimator_ : Calibrator
@@ -278,16 +279,16 @@ class SelectBest(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
             groups = X[self.groups].to_numpy()
         cv = check_cv(self.cv)
         self.inner_scores_ = {}
-        for name, cand in named:
+        for name, cand in named if len(named) > 1 else ():  # one candidate: nothing to choose, no inner CV
             scores = cross_validate(cand, X, y, groups=groups, cv=cv, error_score="raise")["test_score"]
             self.inner_scores_[name] = [float(s) for s in scores]
-        means = [float(np.mean(self.inner_scores_[n])) for n, _ in named]
+        means = [float(np.mean(self.inner_scores_[n])) if n in self.inner_scores_ else 0.0 for n, _ in named]
         self.best_index_ = int(np.argmax(means))
         self.best_name_ = named[self.best_index_][0]
         self.best_estimator_ = clone(named[self.best_index_][1]).fit(X, y)
         self.best_settings_ = self.best_estimator_.best_settings_
         note = (f"chosen by SelectBest among {', '.join(n for n, _ in named)} by mean inner held-out score "
-                f"({type(cv).__name__})")
+                f"({type(cv).__name__})" if len(named) > 1 else f"the only candidate, {self.best_name_}")
         self.calibration_ = self.best_estimator_.calibration_.model_copy(update={"notes": note})
         self.n_features_in_ = X.shape[1]
         return self

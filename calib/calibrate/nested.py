@@ -370,8 +370,10 @@ def recommend(selections: Sequence[SelectBest], seeds: Sequence[int]) -> tuple[d
     """
     names = [n for n, _ in selections[0]._named()]
     votes = {n: sum(sel.best_name_ == n for sel in selections) for n in names}
-    inner = {n: float(np.mean([np.mean(sel.inner_scores_[n]) for sel in selections])) for n in names}
-    best = max(names, key=lambda n: (votes[n], inner[n]))
+    inner = {n: float(np.mean([np.mean(sel.inner_scores_[n]) for sel in selections]))
+             for n in names if all(n in sel.inner_scores_ for sel in selections)}  # none with a single candidate
+
+    best = max(names, key=lambda n: (votes[n], inner.get(n, 0.0)))
     seed, chosen = min(((s, sel) for s, sel in zip(seeds, selections) if sel.best_name_ == best),
                        key=lambda p: p[1].best_estimator_.best_loss_)
     per_seed = [{"seed": s, "chosen": sel.best_name_, "params": sel.best_estimator_.best_params_,

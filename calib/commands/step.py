@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 
 from calib.errors import CalibError
-from calib.physics import PhysicsOptions, StepBatch, StepModel
-from calib.physics.options import VARIANTS
 
 __all__ = ["register", "parse_prefill", "parse_decode"]
 
@@ -63,6 +62,31 @@ def _setting(name: str, value, flag: str):
         raise CalibError(exc.message, field=flag) from None
 
 
+class _Variants(Sequence):
+    """The step-model variants (:data:`calib.physics.options.VARIANTS`), looked up when argparse first needs
+    them: building the parser (``calib --help``) does not import the physics (numpy, pandas)."""
+
+    @staticmethod
+    def _all() -> tuple[str, ...]:
+        from calib.physics.options import VARIANTS
+
+        return VARIANTS
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, value) -> bool:
+        return value in self._all()
+
+
+#: How ``--help`` shows the variants (a test checks it names :data:`calib.physics.options.VARIANTS`); an explicit
+#: metavar keeps argparse from listing the choices, and so from importing the physics, when the parser is built.
+VARIANT_METAVAR = "{v2.3,v2.4,v3,v4}"
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("step", help="time of one step (prefill and/or decode entries)",
                               description="Evaluate the roofline step-time model for one batch.")
@@ -71,7 +95,8 @@ def register(subparsers) -> None:
     p.add_argument("--prefill", help="prefill entries PI:N[,PI:N...] (progress index : new tokens)")
     p.add_argument("--decode", help="decode entries PI[,PI...] (KV length before the token)")
     p.add_argument("--hardware", default="h100", help="hardware name in configs/hardware or a YAML path")
-    p.add_argument("--variant", default="v2.3", choices=VARIANTS, help="step model form (default v2.3)")
+    p.add_argument("--variant", default="v2.3", choices=_Variants(), metavar=VARIANT_METAVAR,
+                   help="step model form (default v2.3)")
     p.add_argument("--mfu", choices=("nearest", "interp"), help="MFU lookup rule (default: the variant's)")
     p.add_argument("--bw-efficiency", type=float, help="bandwidth efficiency (default: the hardware's)")
     p.add_argument("--overhead-us", type=float, default=0.0, help="perLayerOverhead, µs per layer (x L / TP)")
@@ -80,6 +105,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calib.physics import PhysicsOptions, StepBatch, StepModel
     from calib.specs import load_model
 
     prefill, decode = parse_prefill(args.prefill), parse_decode(args.decode)

@@ -37,8 +37,10 @@ def abstract(r: dict) -> list[str]:
     t = r["targets"]
     met = [k for k, v in t.items() if v["met"]]
     rec = r["recommended"]
-    return [f"One calibration for both regimes, chosen by an inner leave-one-model-out among "
-            f"{len(r['candidates'])} candidates, predicts an unseen model's loaded runs with TPOT {st(sl['tpot'])}, "
+    k = len(r["candidates"])
+    how = (f"chosen by an inner leave-one-model-out among {k} candidates" if k > 1
+           else f"the single candidate `{r['candidates'][0]['name']}` fitted per fold")
+    return [f"One calibration for both regimes, {how}, predicts an unseen model's loaded runs with TPOT {st(sl['tpot'])}, "
             f"E2E {st(sl['e2e'])}, TTFT {st(sl['ttft'])} (mean APE over runs) and its synchronous experiments with "
             f"TPOT {st(ss['tpot'])}, E2E {st(ss['e2e'])} (mean APE over experiments; median [min–max] over {n} "
             "seeds).",
@@ -46,8 +48,9 @@ def abstract(r: dict) -> list[str]:
             f"{pct(r['run_target']['target'])} TPOT and E2E: {'yes' if r['run_target']['met'] else 'no'}; a held-out "
             f"replay of the selected candidate ran away where the server was stable: "
             f"{'yes' if r['runaway']['any_selected'] else 'no'}.",
-            f"On all rows SelectBest chooses `{rec['candidate']}` in {rec['votes'][rec['candidate']]} of {n} seeds "
-            f"(`calibration.yaml`" + (f", to be copied to `{r['ship_to']}`" if r.get("ship_to") else "") + ")."]
+            (f"On all rows SelectBest chooses `{rec['candidate']}` in {rec['votes'][rec['candidate']]} of {n} seeds"
+             if k > 1 else f"Fitted on all rows with {n} seeds (the lowest train loss, seed {rec['seed']}, is kept)")
+            + " (`calibration.yaml`" + (f", shipped as `{r['ship_to']}`" if r.get("ship_to") else "") + ")."]
 
 
 def write(r: dict, out: Path) -> list[Path]:

@@ -58,7 +58,7 @@ def _check_workers(workers: int) -> int:
 
 def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None = None, storage: str | None = None,
               progress: bool = True, report: bool = True, workers: int = 1, heartbeat_interval: int | None = None,
-              grace_period: int | None = None) -> dict:
+              grace_period: int | None = None, serial_storage: str = "sqlite") -> dict:
     """Run ``study_file`` and write ``results.json`` (+ ``REPORT.md`` and plots) into ``out_dir``.
 
     A rerun with the same storage resumes: completed trials are not repeated.
@@ -86,6 +86,10 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
     heartbeat_interval, grace_period : int, optional
         Heartbeat settings of the storage in seconds (defaults in
         :mod:`calib.studies.storage`).
+    serial_storage : {"sqlite", "journal"}
+        The default storage a serial run starts in a folder that holds none
+        (``optuna.db`` or ``optuna.journal``; see
+        :func:`calib.studies.storage.default_storage_url`).  Either resumes.
 
     Returns
     -------
@@ -93,10 +97,12 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
         The results, as written to ``results.json`` (``{mode: results}`` for several modes).
     """
     _check_workers(workers)
+    if serial_storage not in ("sqlite", "journal"):
+        raise StudyError(f"must be 'sqlite' or 'journal', got {serial_storage!r}", field="serial_storage")
     spec = load_study_file(study_file)
     modes = [mode] if mode is not None else spec.mode_list()
     options = dict(storage=storage, progress=progress, report=report, workers=workers,
-                   heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                   heartbeat_interval=heartbeat_interval, grace_period=grace_period, serial_storage=serial_storage)
     if len(modes) > 1:
         if workers > 1:
             raise StudyError(f"study {spec.name!r} runs in modes {', '.join(modes)}; with --workers choose one with "
@@ -105,8 +111,22 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
     return _run_one(spec.for_mode(modes[0]), study_file, Path(out_dir), mode=modes[0], **options)
 
 
+def _serial_journal(out_dir: Path) -> str:
+    """The default journal-file URL of a serial run into ``out_dir`` (its ``optuna.db`` when it holds one),
+    after the checks :class:`RunContext` makes of a default storage (no link out of the folder)."""
+    from calib.studies.context import STORAGE_FILES, check_out_dir, safe_path
+    from calib.studies.storage import default_storage_url
+
+    out = check_out_dir(out_dir)
+    for name in STORAGE_FILES:
+        safe_path(out, name)
+    return default_storage_url(out, 1, serial="journal")
+
+
 def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report, workers, heartbeat_interval,
-             grace_period) -> dict:
+             grace_period, serial_storage="sqlite") -> dict:
+    if not storage and workers == 1 and serial_storage == "journal":
+        storage = _serial_journal(out_dir)
     ctx = RunContext(out_dir, storage_url=storage, progress=progress, study_file=Path(study_file).name,
                      workers=workers, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     if workers > 1:

@@ -75,14 +75,17 @@ WORKER_KEY = "calib:worker"
 _logger = logging.getLogger(__name__)
 
 
-def default_storage_url(out_dir: str | Path, workers: int = 1) -> str:
+def default_storage_url(out_dir: str | Path, workers: int = 1, serial: str = "sqlite") -> str:
     """The storage of a study run into ``out_dir`` when no URL is given.
 
     ``optuna.db`` (SQLite) for a serial run, ``optuna.journal`` (journal file)
     when several worker processes share the study.  An existing journal file
     wins, so a serial rerun of a parallel study resumes from it.  (A parallel
     rerun of a study run serially starts a journal file: SQLite cannot be
-    shared, see :func:`check_shareable`.)
+    shared, see :func:`check_shareable`.)  With ``serial="journal"`` a serial
+    run starts a journal file too (about 2 ms per trial and nothing to open,
+    against about 20 ms per trial and 0.4 s to open SQLite), unless the folder
+    holds an ``optuna.db``, which it resumes.
 
     Parameters
     ----------
@@ -90,6 +93,8 @@ def default_storage_url(out_dir: str | Path, workers: int = 1) -> str:
         The study's output folder.
     workers : int
         Number of worker processes on this machine.
+    serial : {"sqlite", "journal"}
+        The storage a serial run starts in a folder that holds none.
 
     Examples
     --------
@@ -97,10 +102,14 @@ def default_storage_url(out_dir: str | Path, workers: int = 1) -> str:
     True
     >>> default_storage_url("/tmp/new-study", workers=2).startswith("journal:")
     True
+    >>> default_storage_url("/tmp/new-study", serial="journal").startswith("journal:")
+    True
     """
+    if serial not in ("sqlite", "journal"):
+        raise StudyError(f"must be 'sqlite' or 'journal', got {serial!r}", field="serial_storage")
     out = Path(out_dir).resolve()
     journal, db = out / JOURNAL_FILE, out / SQLITE_FILE
-    if journal.exists() or workers > 1:
+    if journal.exists() or workers > 1 or (serial == "journal" and not db.exists()):
         return f"journal:{journal}"
     return f"sqlite:///{db}"
 
