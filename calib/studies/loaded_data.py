@@ -35,7 +35,7 @@ import math
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from calib.errors import CalibError, StudyError
 from calib.metrics import AGGREGATIONS, APE_KEYS, mean_apes
@@ -71,6 +71,41 @@ def physics_settings(physics: Mapping[str, Any], *, hardware: str = "h100", over
     """
     return Settings.from_params({**physics, "hardware": hardware, "overhead_model": overhead_model,
                                  **(overhead_params or {}), "request_latency_ms": request_latency_ms}, source)
+
+
+class Candidate(Strict):
+    """A candidate of the ``physics`` and ``joint`` kinds: a roofline variant with fixed physics, an overhead model,
+    a search space and optionally its own budget."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
+    description: str = ""
+    physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
+    overhead_model: str = "per_layer_tp_power"
+    space: dict[str, dict[str, Any]] = Field(min_length=1)
+    n_trials: int | None = Field(default=None, ge=1)
+
+    @field_validator("physics")
+    @classmethod
+    def _physics(cls, v: dict) -> dict:
+        return check_physics(v)
+
+
+def check_candidates(spec) -> None:
+    """Distinct labels, known overhead models, valid spaces and budgets of ``spec.candidates`` (a ValueError
+    naming the candidate otherwise); ``spec`` has ``space(c)`` and ``search``."""
+    from collections import Counter
+
+    from calib.physics.overhead import OVERHEAD_MODELS
+
+    dupes = [k for k, n in Counter(c.label for c in spec.candidates).items() if n > 1]
+    if dupes:
+        raise ValueError(f"candidate label {dupes[0]!r} is used twice")
+    for c in spec.candidates:
+        if c.overhead_model not in OVERHEAD_MODELS:
+            raise ValueError(f"candidates.{c.label}: unknown overhead model {c.overhead_model!r}; known: "
+                             f"{', '.join(OVERHEAD_MODELS)}")
+        spec.space(c)
+        spec.search.make(c.n_trials)
 
 
 def check_physics(v: dict[str, Any]) -> dict[str, Any]:

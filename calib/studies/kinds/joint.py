@@ -20,19 +20,18 @@ on all rows with its held-out figures; ``ship_to`` names where it is meant to be
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from sklearn.base import clone
 
 from calib.calibrate.nested import spread, summarize
 from calib.estimators.joint import JointRegressor, stack
 from calib.metrics import group_weights
-from calib.physics.overhead import OVERHEAD_MODELS
 from calib.studies.context import RunContext
-from calib.studies.loaded_data import (STAGE_AGGREGATION, LoadedData, LoadedObjective, LoadedSearch, check_physics,
+from calib.studies.loaded_data import (STAGE_AGGREGATION, Candidate, LoadedData, LoadedObjective, LoadedSearch,
+                                       check_candidates,
                                        dataset_block, group_figures, heldout_flags, load_runs, loaded_space,
                                        predict_rows, seed_agreement, settings_block, stage_table)
 from calib.studies.loaded_nested import calibrators, candidate_entries, save_calibration, search_settings, select
@@ -52,22 +51,6 @@ CV = {"outer_cv": "leave-one-model-out over the synchronous experiments and the 
                   "experiments and full stages)",
       "inner_cv": "SelectBest: LeaveOneGroupOut by model on the training rows (KFold(3) when one model remains)"}
 DEFAULT_TARGETS = {"loaded_tpot": 0.05, "loaded_e2e": 0.05, "loaded_ttft": 0.07, "sync_tpot": 0.06, "sync_e2e": 0.10}
-
-
-class Candidate(Strict):
-    """A roofline variant with fixed physics, an overhead model, a search space and optionally its own budget."""
-
-    label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
-    description: str = ""
-    physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.4"})
-    overhead_model: str = "per_layer_tp_power"
-    space: dict[str, dict[str, Any]] = Field(min_length=1)
-    n_trials: int | None = Field(default=None, ge=1)
-
-    @field_validator("physics")
-    @classmethod
-    def _physics(cls, v: dict) -> dict:
-        return check_physics(v)
 
 
 class Evidence(Strict):
@@ -91,15 +74,7 @@ class JointSchema(StudyBase, LoadedData):
 
     @model_validator(mode="after")
     def _check(self) -> "JointSchema":
-        dupes = [k for k, n in Counter(c.label for c in self.candidates).items() if n > 1]
-        if dupes:
-            raise ValueError(f"candidate label {dupes[0]!r} is used twice")
-        for c in self.candidates:
-            if c.overhead_model not in OVERHEAD_MODELS:
-                raise ValueError(f"candidates.{c.label}: unknown overhead model {c.overhead_model!r}; known: "
-                                 f"{', '.join(OVERHEAD_MODELS)}")
-            self.space(c)
-            self.search.make(c.n_trials)
+        check_candidates(self)
         return self
 
     def regressor(self, c: Candidate) -> JointRegressor:

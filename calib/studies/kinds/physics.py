@@ -19,37 +19,20 @@ The synchronous side of earlier versions (the same candidates scored on the 13 s
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from calib.estimators.loaded import LoadedRegressor
-from calib.physics.overhead import OVERHEAD_MODELS
 from calib.studies.context import RunContext
-from calib.studies.loaded_data import LoadedData, LoadedObjective, LoadedSearch, check_physics, loaded_space
+from calib.studies.loaded_data import (Candidate, LoadedData, LoadedObjective, LoadedSearch, check_candidates,
+                                       loaded_space)
 from calib.studies.loaded_nested import run_candidates
 from calib.studies.schemas.physics import Results
-from calib.studies.spec import Strict, StudyBase
+from calib.studies.spec import StudyBase
 
 __all__ = ["KIND", "schema", "run", "Results"]
 
 KIND = "physics"
-
-
-class Candidate(Strict):
-    """A roofline variant with fixed physics, an overhead model, a search space and optionally its own budget."""
-
-    label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
-    description: str = ""
-    physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
-    overhead_model: str = "per_layer_tp_power"
-    space: dict[str, dict[str, Any]] = Field(min_length=1)
-    n_trials: int | None = Field(default=None, ge=1)
-
-    @field_validator("physics")
-    @classmethod
-    def _physics(cls, v: dict) -> dict:
-        return check_physics(v)
 
 
 class PhysicsSchema(StudyBase, LoadedData):
@@ -60,15 +43,7 @@ class PhysicsSchema(StudyBase, LoadedData):
 
     @model_validator(mode="after")
     def _check(self) -> "PhysicsSchema":
-        dupes = [k for k, n in Counter(c.label for c in self.candidates).items() if n > 1]
-        if dupes:
-            raise ValueError(f"candidate label {dupes[0]!r} is used twice")
-        for c in self.candidates:
-            if c.overhead_model not in OVERHEAD_MODELS:
-                raise ValueError(f"candidates.{c.label}: unknown overhead model {c.overhead_model!r}; known: "
-                                 f"{', '.join(OVERHEAD_MODELS)}")
-            self.space(c)
-            self.search.make(c.n_trials)
+        check_candidates(self)
         return self
 
     def regressor(self, c: Candidate) -> LoadedRegressor:
