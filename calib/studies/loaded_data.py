@@ -573,6 +573,8 @@ def predict_rows(estimator, rows) -> list[dict]:
     from calib.metrics import METRICS
     from calib.replay.loaded import supports
 
+    if not len(rows):  # a study without Mixtral or overloaded runs has nothing to report apart
+        return []
     variant = estimator.settings().physics.variant
     ok = {m: supports(m, variant) for m in rows["model"].astype(str).unique()}
     good = rows[[ok[str(m)][0] for m in rows["model"]]]

@@ -404,3 +404,12 @@ def test_bad_physics_files(tmp_path, data_dir, space, match):
                             "space": space}]}
     with pytest.raises(StudyError, match=match):
         load_study_file(write(tmp_path, data))
+
+
+def test_predict_rows_of_no_rows_is_empty():
+    """A loaded study without Mixtral or overloaded runs reports nothing apart instead of failing."""
+    from calib.estimators.loaded import LoadedRegressor, load_stages
+    from calib.studies.loaded_data import predict_rows
+
+    X = load_stages()
+    assert predict_rows(LoadedRegressor(per_layer_us=70.0), X.iloc[:0]) == []
