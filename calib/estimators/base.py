@@ -18,7 +18,7 @@ from typing import Any
 
 from calib.settings import FLAT_NAMES, OVERHEAD_SETTINGS, Physics, Replay, Settings
 
-__all__ = ["settings_init", "settings_constraints", "SettingsMixin", "MEASURED"]
+__all__ = ["settings_init", "settings_constraints", "SettingsMixin", "MEASURED", "check_y"]
 
 #: predicted quantity -> measured column of an experiments or stages table
 MEASURED = {"ttft": "ttft_mean_ms", "tpot": "tpot_mean_ms", "e2e": "e2e_mean_ms"}
@@ -81,6 +81,19 @@ def settings_constraints() -> dict[str, list]:
                 out[flat] = [*_type_constraint(section.model_fields[field].annotation), None]
                 break
     return out
+
+
+def check_y(y, n_rows: int) -> None:
+    """Check a measured target passed to ``fit``: ``n_rows`` finite, positive means (ms), or ``None``."""
+    if y is None:
+        return
+    import numpy as np
+
+    y = np.asarray(y, dtype=float)
+    if y.shape != (n_rows,):
+        raise ValueError(f"y has shape {y.shape}, expected ({n_rows},)")
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        raise ValueError("y must hold finite, positive measured means (ms)")
 
 
 class SettingsMixin:

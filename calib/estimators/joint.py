@@ -40,7 +40,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from calib.errors import DataError
-from calib.estimators.base import SettingsMixin, settings_constraints, settings_init
+from calib.estimators.base import SettingsMixin, check_y, settings_constraints, settings_init
 from calib.estimators.loaded import LoadedRegressor
 from calib.estimators.roofline import RooflineRegressor
 from calib.settings import FLAT_NAMES, Settings
@@ -156,12 +156,7 @@ class JointRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     def fit(self, X, y=None):
         """Validate the settings, each part of ``X`` (by its estimator) and ``y``; nothing is learned."""
         split = _split(X)
-        if y is not None:
-            y = np.asarray(y, dtype=float)
-            if y.shape != (len(X),):
-                raise ValueError(f"y has shape {y.shape}, expected ({len(X)},)")
-            if not np.all(np.isfinite(y)) or np.any(y <= 0):
-                raise ValueError("y must hold finite, positive measured means (ms)")
+        check_y(y, len(X))
         parts = self.parts()
         self.estimators_ = {d: parts[d].fit(rows) for d, rows in split.items()}
         self.settings_ = self.settings()

@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from calib.errors import CalibError, ConfigError, DataError
-from calib.estimators.base import MEASURED, SettingsMixin, settings_constraints, settings_init
+from calib.estimators.base import MEASURED, SettingsMixin, check_y, settings_constraints, settings_init
 from calib.metrics import group_weights
 from calib.replay.batched import PREFIX_MODES
 from calib.replay.loaded import (LoadedRun, check_settings, load_run, load_stages, replay_run, stage_means,
@@ -138,12 +138,7 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         """Validate the settings, ``X`` (load stages) and ``y`` (measured target, ms); nothing is learned."""
         settings = self._check_params()
         X = _check_frame(X)
-        if y is not None:
-            y = np.asarray(y, dtype=float)
-            if y.shape != (len(X),):
-                raise ValueError(f"y has shape {y.shape}, expected ({len(X)},)")
-            if not np.all(np.isfinite(y)) or np.any(y <= 0):
-                raise ValueError("y must hold finite, positive measured means (ms)")
+        check_y(y, len(X))
         variant = settings.physics_options().variant
         for model in X["model"].astype(str).unique():
             ok, why = supports(model, variant)

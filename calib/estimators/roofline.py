@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from calib.errors import CalibError, DataError
-from calib.estimators.base import MEASURED, SettingsMixin, settings_constraints, settings_init
+from calib.estimators.base import MEASURED, SettingsMixin, check_y, settings_constraints, settings_init
 from calib.metrics import tpot_ms
 from calib.physics.step_model import StepModel
 from calib.replay.engine import SchedulerConfig
@@ -99,12 +99,7 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         settings = self.settings()
         settings.physics_options()
         X = _check_frame(X)
-        if y is not None:
-            y = np.asarray(y, dtype=float)
-            if y.shape != (len(X),):
-                raise ValueError(f"y has shape {y.shape}, expected ({len(X)},)")
-            if not np.all(np.isfinite(y)) or np.any(y <= 0):
-                raise ValueError("y must hold finite, positive measured means (ms)")
+        check_y(y, len(X))
         self.settings_ = settings
         self.experiments_ = [str(i) for i in X.index]
         self.n_features_in_ = X.shape[1]

@@ -32,7 +32,7 @@ stages, windowed for the searches and full for the held-out scores, split by
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -71,41 +71,6 @@ def physics_settings(physics: Mapping[str, Any], *, hardware: str = "h100", over
     """
     return Settings.from_params({**physics, "hardware": hardware, "overhead_model": overhead_model,
                                  **(overhead_params or {}), "request_latency_ms": request_latency_ms}, source)
-
-
-class Candidate(Strict):
-    """A candidate of the ``physics`` and ``joint`` kinds: a roofline variant with fixed physics, an overhead model,
-    a search space and optionally its own budget."""
-
-    label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
-    description: str = ""
-    physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
-    overhead_model: str = "per_layer_tp_power"
-    space: dict[str, dict[str, Any]] = Field(min_length=1)
-    n_trials: int | None = Field(default=None, ge=1)
-
-    @field_validator("physics")
-    @classmethod
-    def _physics(cls, v: dict) -> dict:
-        return check_physics(v)
-
-
-def check_candidates(spec) -> None:
-    """Distinct labels, known overhead models, valid spaces and budgets of ``spec.candidates`` (a ValueError
-    naming the candidate otherwise); ``spec`` has ``space(c)`` and ``search``."""
-    from collections import Counter
-
-    from calib.physics.overhead import OVERHEAD_MODELS
-
-    dupes = [k for k, n in Counter(c.label for c in spec.candidates).items() if n > 1]
-    if dupes:
-        raise ValueError(f"candidate label {dupes[0]!r} is used twice")
-    for c in spec.candidates:
-        if c.overhead_model not in OVERHEAD_MODELS:
-            raise ValueError(f"candidates.{c.label}: unknown overhead model {c.overhead_model!r}; known: "
-                             f"{', '.join(OVERHEAD_MODELS)}")
-        spec.space(c)
-        spec.search.make(c.n_trials)
 
 
 def check_physics(v: dict[str, Any]) -> dict[str, Any]:
@@ -461,6 +426,62 @@ def loaded_space(raw: Mapping[str, Any], base: Settings, where: str) -> dict:
     if bad:
         raise ValueError(f"{where}: {bad[0]} cannot be searched (fixed per candidate, or no loaded-replay setting)")
     return space
+
+
+class Candidate(Strict):
+    """A candidate of the ``physics`` and ``joint`` kinds: a roofline variant with fixed physics, an overhead model,
+    a search space and optionally its own budget."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
+    description: str = ""
+    physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
+    overhead_model: str = "per_layer_tp_power"
+    space: dict[str, dict[str, Any]] = Field(min_length=1)
+    n_trials: int | None = Field(default=None, ge=1)
+
+    @field_validator("physics")
+    @classmethod
+    def _physics(cls, v: dict) -> dict:
+        return check_physics(v)
+
+
+class CandidateStudy(LoadedData):
+    """What a study of loaded-replay candidates shares (the ``physics`` and ``joint`` kinds): the candidates,
+    search and objective, their checks, and each candidate's estimator and space.  A kind sets
+    ``regressor_class`` (the estimator class its candidates use) and lists this class after ``StudyBase``."""
+
+    regressor_class: ClassVar[type]
+    candidates: list[Candidate] = Field(min_length=1)
+    search: LoadedSearch = LoadedSearch()
+    objective: LoadedObjective = LoadedObjective()
+
+    @model_validator(mode="after")
+    def _check_candidates(self):
+        """Distinct labels, known overhead models, valid spaces and budgets (a ValueError naming the candidate)."""
+        from collections import Counter
+
+        from calib.physics.overhead import OVERHEAD_MODELS
+
+        dupes = [k for k, n in Counter(c.label for c in self.candidates).items() if n > 1]
+        if dupes:
+            raise ValueError(f"candidate label {dupes[0]!r} is used twice")
+        for c in self.candidates:
+            if c.overhead_model not in OVERHEAD_MODELS:
+                raise ValueError(f"candidates.{c.label}: unknown overhead model {c.overhead_model!r}; known: "
+                                 f"{', '.join(OVERHEAD_MODELS)}")
+            self.space(c)
+            self.search.make(c.n_trials)
+        return self
+
+    def regressor(self, c: Candidate):
+        """The candidate's estimator: ``regressor_class`` with its physics and overhead model and this study's replay
+        options."""
+        return self.regressor_class(**c.physics, overhead_model=c.overhead_model, hardware=self.hardware,
+                                    prefix=self.prefix, cached_prefill_pi=self.cached_prefill_pi,
+                                    max_steps=self.max_steps)
+
+    def space(self, c: Candidate) -> dict:
+        return loaded_space(c.space, self.regressor(c).settings(), f"candidates.{c.label}.space")
 
 
 def stage_table(spec: LoadedData, window_s: float | None, source: str = ""):

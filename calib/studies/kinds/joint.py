@@ -20,20 +20,18 @@ on all rows with its held-out figures; ``ship_to`` names where it is meant to be
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 from sklearn.base import clone
 
 from calib.calibrate.nested import spread, summarize
 from calib.estimators.joint import JointRegressor, stack
 from calib.metrics import group_weights
 from calib.studies.context import RunContext
-from calib.studies.loaded_data import (STAGE_AGGREGATION, Candidate, LoadedData, LoadedObjective, LoadedSearch,
-                                       check_candidates,
-                                       dataset_block, group_figures, heldout_flags, load_runs, loaded_space,
-                                       predict_rows, seed_agreement, settings_block, stage_table)
+from calib.studies.loaded_data import (STAGE_AGGREGATION, CandidateStudy, dataset_block, group_figures, heldout_flags,
+                                       load_runs, predict_rows, seed_agreement, settings_block, stage_table)
 from calib.studies.loaded_nested import calibrators, candidate_entries, save_calibration, search_settings, select
 from calib.studies.schemas.joint import Results
 from calib.studies.spec import Strict, StudyBase
@@ -61,28 +59,14 @@ class Evidence(Strict):
     requests: int = Field(default=300, ge=10, le=5000)
 
 
-class JointSchema(StudyBase, LoadedData):
+class JointSchema(StudyBase, CandidateStudy):
+    regressor_class: ClassVar[type] = JointRegressor
     kind: Literal["joint"]
     experiments: list[str] | None = Field(default=None, min_length=1)
-    candidates: list[Candidate] = Field(min_length=1)
-    search: LoadedSearch = LoadedSearch()
-    objective: LoadedObjective = LoadedObjective()
     targets: dict[Literal[tuple(DEFAULT_TARGETS)], float] = Field(default_factory=lambda: dict(DEFAULT_TARGETS))
     run_target: float = Field(default=0.10, gt=0)
     evidence: Evidence = Evidence()
     ship_to: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> "JointSchema":
-        check_candidates(self)
-        return self
-
-    def regressor(self, c: Candidate) -> JointRegressor:
-        return JointRegressor(**c.physics, overhead_model=c.overhead_model, hardware=self.hardware,
-                              prefix=self.prefix, cached_prefill_pi=self.cached_prefill_pi, max_steps=self.max_steps)
-
-    def space(self, c: Candidate) -> dict:
-        return loaded_space(c.space, self.regressor(c).settings(), f"candidates.{c.label}.space")
 
 
 schema = JointSchema

@@ -19,13 +19,11 @@ The synchronous side of earlier versions (the same candidates scored on the 13 s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
 from calib.estimators.loaded import LoadedRegressor
 from calib.studies.context import RunContext
-from calib.studies.loaded_data import (Candidate, LoadedData, LoadedObjective, LoadedSearch, check_candidates,
-                                       loaded_space)
+from calib.studies.loaded_data import CandidateStudy
 from calib.studies.loaded_nested import run_candidates
 from calib.studies.schemas.physics import Results
 from calib.studies.spec import StudyBase
@@ -35,23 +33,9 @@ __all__ = ["KIND", "schema", "run", "Results"]
 KIND = "physics"
 
 
-class PhysicsSchema(StudyBase, LoadedData):
+class PhysicsSchema(StudyBase, CandidateStudy):
+    regressor_class: ClassVar[type] = LoadedRegressor
     kind: Literal["physics"]
-    candidates: list[Candidate] = Field(min_length=1)
-    search: LoadedSearch = LoadedSearch()
-    objective: LoadedObjective = LoadedObjective()
-
-    @model_validator(mode="after")
-    def _check(self) -> "PhysicsSchema":
-        check_candidates(self)
-        return self
-
-    def regressor(self, c: Candidate) -> LoadedRegressor:
-        return LoadedRegressor(**c.physics, overhead_model=c.overhead_model, hardware=self.hardware,
-                               prefix=self.prefix, cached_prefill_pi=self.cached_prefill_pi, max_steps=self.max_steps)
-
-    def space(self, c: Candidate) -> dict:
-        return loaded_space(c.space, self.regressor(c).settings(), f"candidates.{c.label}.space")
 
 
 schema = PhysicsSchema
