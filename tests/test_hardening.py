@@ -470,13 +470,14 @@ def test_reports_never_write_through_a_link_out_of_out(dataset, tmp_path):
     assert victim.read_text() == "precious"
     for name in ("per_experiment.png", "REPORT.md", "results.json", "landscape.png"):
         assert not (out / name).is_symlink() and (out / name).stat().st_size > 0
-    # a storage file linked out of the folder is refused (SQLite would write through it)
-    out2 = tmp_path / "out2"
-    out2.mkdir()
-    (out2 / "optuna.db").symlink_to(victim)
-    assert_one_line(run_cli("study", "run", str(study), "--out", str(out2), "--no-progress"),
-                    "is a symbolic link to", "out of the output folder")
-    assert victim.read_text() == "precious"
+    # a storage file linked out of the folder is refused (SQLite or the journal would write through it)
+    for name in ("optuna.db", "optuna.journal"):
+        out2 = tmp_path / f"out2-{name}"
+        out2.mkdir()
+        (out2 / name).symlink_to(victim)
+        assert_one_line(run_cli("study", "run", str(study), "--out", str(out2), "--no-progress"),
+                        "is a symbolic link to", "out of the output folder")
+        assert victim.read_text() == "precious"
 
 
 def test_results_and_reports_are_world_readable(dataset, tmp_path):
@@ -519,7 +520,8 @@ def test_study_run_reads_the_storage_from_calib_storage(dataset, tmp_path):
                    env={"CALIB_STORAGE": url})
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["storage"] == url
-    assert (tmp_path / "shared.journal").is_file() and not (tmp_path / "out" / "optuna.db").exists()
+    assert (tmp_path / "shared.journal").is_file()
+    assert not (tmp_path / "out" / "optuna.db").exists() and not (tmp_path / "out" / "optuna.journal").exists()
     proc = run_cli("study", "worker", str(study), env={"CALIB_STORAGE": ""})
     assert_one_line(proc, "set CALIB_STORAGE")
 
@@ -531,8 +533,8 @@ def test_a_resumed_study_says_so(dataset, tmp_path):
     assert first.returncode == 0 and "resumed 3 of" not in first.stderr
     again = run_cli("study", "run", str(study), "--out", str(out))
     assert again.returncode == 0
-    assert "calib: study tiny resumed 3 of 3 trials from the storage (sqlite: optuna.db in the output folder); " \
-           "0 evaluated in this run" in again.stderr
+    assert "calib: study tiny resumed 3 of 3 trials from the storage (journal: optuna.journal in the output " \
+           "folder); 0 evaluated in this run" in again.stderr
 
 
 def test_report_counts():

@@ -27,10 +27,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calib.cli import freeze_imports
     from calib.commands.study import summary
     from calib.resources import study_file
     from calib.studies.runner import run_study
 
+    freeze_imports()
     study = study_file("hg1")
     out = Path(args.out) if args.out else Path("reports") / "hg1" / args.mode
     results = run_study(study, out, mode=args.mode, storage=args.storage, progress=not args.no_progress,

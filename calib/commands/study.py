@@ -57,8 +57,8 @@ def register(subparsers) -> None:
                    help="study file, e.g. studies/hg1.yaml, or the name of a shipped study (hg1)")
     r.add_argument("--out", help="output folder (default reports/<study name>)")
     r.add_argument("--storage", help="Optuna storage URL (default: the CALIB_STORAGE environment variable, which "
-                                     "keeps a password out of ps; else SQLite optuna.db in the output folder, or "
-                                     "the journal file optuna.journal there with --workers > 1)")
+                                     "keeps a password out of ps; else the journal file optuna.journal in the output "
+                                     "folder, or the SQLite optuna.db a serial run finds there)")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
     r.add_argument("--mode", choices=("reference", "corrected"),
                    help="run one mode of a study with several (default: every mode, into OUT/<mode>/)")
@@ -80,12 +80,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calib.cli import freeze_imports
     from calib.errors import CalibError
     from calib.studies.runner import run_study
     from calib.studies.spec import load_study_file
-    from calib.studies.workers import stop_on_sigterm
+    from calib.studies.workers import STORAGE_ENV, stop_on_sigterm
 
-    from calib.studies.workers import STORAGE_ENV
+    freeze_imports()
 
     if args.workers < 1:
         raise CalibError(f"must be >= 1, got {args.workers}", field="--workers")

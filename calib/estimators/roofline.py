@@ -114,12 +114,12 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         X = _check_frame(X)
         overhead = None
         rows = []
-        for name, row in X.iterrows():
-            key = (_row_key(row, settings.replay.lengths, settings.replay.seed), settings)
+        for i, row_key in enumerate(_row_keys(X, settings.replay.lengths, settings.replay.seed)):
+            key = (row_key, settings)
             summary = _PREDICTIONS.get(key)
             if summary is None:
                 overhead = overhead or settings.overhead_model()
-                rep = self.replay(row, settings)
+                rep = self._replay(X.iloc[i], settings, row_key)
                 times = rep.run(overhead)
                 summary = _summarise(times, settings.replay.tpot, settings.replay.client_ms(rep.requests.input_tokens))
                 _PREDICTIONS[key] = summary
@@ -137,11 +137,14 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     def replay(self, row: pd.Series, settings: Settings | None = None) -> SyncReplay:
         """The cached :class:`SyncReplay` of one experiment row under these settings' physics and replay."""
         settings = settings or self.settings()
+        return self._replay(row, settings, _row_key(row, settings.replay.lengths, settings.replay.seed))
+
+    def _replay(self, row: pd.Series, settings: Settings, row_key: tuple) -> SyncReplay:
+        """:meth:`replay` with the row's :func:`_row_key` computed by the caller."""
         options = settings.physics_options()
         rp = settings.replay
         sched = SchedulerConfig(phantom_last_step=rp.phantom)
-        key = repr((_row_key(row, rp.lengths, rp.seed), settings.physics.hardware, asdict(options),
-                    asdict(sched).items()))
+        key = repr((row_key, settings.physics.hardware, asdict(options), asdict(sched).items()))
         rep = _REPLAYS.get(key)
         if rep is None:
             try:
@@ -194,7 +197,7 @@ _WORKLOAD_COLS = ("n_requests", "seed", "prefix_tokens", "prompt_mean", "prompt_
                   "output_mean", "output_stdev", "output_min", "output_max")
 
 
-def _lengths_file(row: pd.Series):
+def _lengths_file(row):
     """The reference-draws file of this experiment's dataset (None: the embedded draws)."""
     from calib.data.lengths import dataset_lengths_file
 
@@ -203,16 +206,29 @@ def _lengths_file(row: pd.Series):
                                 {c: row.get(c) for c in _WORKLOAD_COLS})
 
 
-def _row_key(row: pd.Series, lengths: str, seed: int) -> tuple:
-    cols = ("model", "tp", "workload", "rate", "n_requests", "prefix_tokens", "prompt_mean", "prompt_stdev",
-            "prompt_min", "prompt_max", "output_mean", "output_stdev", "output_min", "output_max", "source")
-    key = tuple(str(row.get(c)) for c in cols) + (lengths, int(seed))
+_KEY_COLS = ("model", "tp", "workload", "rate", "n_requests", "prefix_tokens", "prompt_mean", "prompt_stdev",
+             "prompt_min", "prompt_max", "output_mean", "output_stdev", "output_min", "output_max", "source")
+#: every column :func:`_row_key` reads (its own and :func:`_lengths_file`'s)
+_ROW_KEY_READS = tuple(dict.fromkeys(_KEY_COLS + _WORKLOAD_COLS + ("workload",)))
+
+
+def _row_key(row, lengths: str, seed: int) -> tuple:
+    """What identifies an experiment row's replay: its workload and model columns, the lengths and seed, and
+    (reference lengths) the identity of the draws file.  ``row`` is a Series or a dict of one row."""
+    key = tuple(str(row.get(c)) for c in _KEY_COLS) + (lengths, int(seed))
     if lengths == "reference":  # the draws file's identity: an edited file is never replayed from a cache
         from calib.data.lengths import file_stamp
 
         file = _lengths_file(row)
         key += (None,) if file is None else (str(file), file_stamp(file))
     return key
+
+
+def _row_keys(X: pd.DataFrame, lengths: str, seed: int) -> list[tuple]:
+    """:func:`_row_key` of every row of ``X``, read column by column (a row Series per look-up costs more than
+    the cached prediction it finds)."""
+    columns = {c: X[c].tolist() for c in _ROW_KEY_READS if c in X.columns}
+    return [_row_key({c: v[i] for c, v in columns.items()}, lengths, seed) for i in range(len(X))]
 
 
 def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:

@@ -14,17 +14,16 @@ What the replay assumes
   ``block_size``; FCFS admission, recompute preemption (all inside the engine).
   The last step is *not* counted twice (no phantom step: that was a reference
   simulator bug, not vLLM behaviour).
-* **Prefix cache** (:data:`PREFIX_MODES`): vLLM caches full 16-token blocks of
-  a shared prompt prefix.  ``requests.json`` has a ``prefix_group`` per
-  request; in every shipped run it is empty (and ``config.num_prefix_groups``
-  is 0) although the load generator's profile shares a system prompt
-  (``data.shared_prefix.system_prompt_len`` tokens, 100 or 150, among
-  ``num_unique_system_prompts`` prompts).  ``"auto"`` (default) uses the
-  ``prefix_group`` field when some request has one, else the profile: every
-  request starts with a ``system_prompt_len``-token prefix shared with the
-  requests of its group, the groups assigned round robin in arrival order (the
-  assignment is unknown; it only matters until every group's prefix is cached,
-  i.e. for the first few requests).  ``"none"`` disables prefix caching.
+* **Prefix cache** (:data:`~calib.replay.prefix.PREFIX_MODES`, module
+  :mod:`calib.replay.prefix`): vLLM caches full 16-token blocks of every
+  prompt.  ``"auto"`` (default) uses ``requests.json``'s ``prefix_group``
+  labels when some request has one (in every shipped run they are empty),
+  else the prompts the load generator sends over and over (every shipped run
+  cycles through 100 prompts: a repeat is served whole from the cache, as long
+  as the engine has not evicted it), else the profile's shared system prompts
+  (``data.shared_prefix.system_prompt_len`` tokens among
+  ``num_unique_system_prompts``, assigned round robin).  ``"none"`` disables
+  prefix caching.
 * **First step of a cached request**: ``cached_prefill_pi="cached"`` (default)
   charges the cached prefix as KV already present (attention context and KV
   reads), which is what vLLM computes; ``"zero"`` is the reference simulator's
@@ -70,6 +69,7 @@ from calib.metrics import METRICS, client_ms, stats
 from calib.physics.overhead import OverheadModel
 from calib.physics.step_model import StepModel
 from calib.replay.engine import EngineResult, SchedulerConfig, StepTimer, run_engine
+from calib.replay.prefix import PREFIX_MODES, prefix_arrays
 
 __all__ = [
     "PREFIX_MODES",
@@ -85,8 +85,6 @@ __all__ = [
     "frame",
 ]
 
-#: Prefix-cache assumptions of :func:`replay_inputs`.
-PREFIX_MODES = ("auto", "groups", "profile", "none")
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -258,8 +256,8 @@ def replay_inputs(trace: Trace, *, prefix: str = "auto", cached_prefill_pi: str 
     Parameters
     ----------
     trace : Trace
-    prefix : {"auto", "groups", "profile", "none"}
-        Prefix-cache assumption (module docstring).  Ignored when
+    prefix : {"auto", "groups", "repeats", "profile", "none"}
+        Prefix-cache assumption (:mod:`calib.replay.prefix`).  Ignored when
         ``prefix_tokens``/``prefix_group`` are given.
     cached_prefill_pi : {"cached", "zero"}
         PI of the first step of a request served partly from the prefix cache.
@@ -303,29 +301,12 @@ def replay_inputs(trace: Trace, *, prefix: str = "auto", cached_prefill_pi: str 
             raise DataError("prefix lengths must be >= 0", field="prefix_tokens")
         source = "given per request"
     else:
-        pre, grp, source = np.zeros(n, np.int64), np.full(n, -1, np.int64), "none (prefix caching off)"
-        if prefix != "none":
-            labels, cfg_len = _read_prefix_groups(trace)
-            has_labels = labels is not None and any(label != "" for label in labels)
-            prof_len, prof_groups = _profile_prefix(trace)
-            if prefix == "groups" or (prefix == "auto" and has_labels):
-                length = cfg_len or prof_len
-                if not has_labels or length < 1:
-                    raise DataError("no prefix_group labels (or no prefix length) in the run", file=trace.source,
-                                    field="prefix_group")
-                codes = {g: i for i, g in enumerate(sorted({label for label in labels if label != ""}))}
-                grp = np.array([codes.get(label, -1) for label in labels], np.int64)
-                pre = np.where(grp >= 0, length, 0).astype(np.int64)
-                source = f"requests.json prefix_group ({len(codes)} groups of a {length}-token prefix)"
-            elif prof_len > 0 and prof_groups > 0:
-                grp = np.arange(n, dtype=np.int64) % prof_groups
-                pre = np.full(n, prof_len, np.int64)
-                source = (f"profile: {prof_groups} system prompts of {prof_len} tokens, assigned round robin "
-                          "(requests.json has no prefix_group)")
-            elif prefix == "profile":
-                raise DataError("the profile declares no shared system prompt", file=trace.source,
-                                field="data.shared_prefix.system_prompt_len")
-        pre = np.minimum(pre, inp)
+        labels, cfg_len = _read_prefix_groups(trace) if prefix != "none" else (None, 0)
+        prof_len, prof_groups = _profile_prefix(trace) if prefix != "none" else (0, 0)
+        pre, grp, source = prefix_arrays(prefix, request_index=trace.requests["request_index"].to_numpy(),
+                                         input_tokens=inp, labels=labels, group_prompt_len=cfg_len or prof_len,
+                                         shared_prompt_len=prof_len, shared_prompts=prof_groups,
+                                         source=trace.source)
     limit = max_model_len if max_model_len is not None else _max_model_len(trace, model_max_context)
     context_rejected = (inp + out > limit) if limit else np.zeros(n, bool)
     budget = int(trace.max_num_batched_tokens)

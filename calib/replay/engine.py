@@ -85,7 +85,9 @@ class SchedulerConfig:
         (``ceil((input + output - 1) / block_size)``) is rejected.
     prefix_cache : bool
         Serve ``floor(prefix / block) * block`` shared-prefix tokens from cache
-        once a request of the same prefix group has finished its prefill.
+        once a request of the same prefix group has finished its prefill, while
+        those blocks are cached (see *Prefix-cache eviction* in
+        :func:`run_engine`).
     cached_prefill_pi : {"zero", "cached"}
         The PI a newly scheduled request with a cache hit shows its first step:
         ``"zero"`` is the reference behaviour (spec §2: cached tokens add no KV
@@ -352,7 +354,8 @@ def run_engine(timer: StepTimer, arrival_us, input_tokens, output_tokens, cfg: S
         Return as soon as the engine is idle and the next arrival is later
         (one busy period); the second return value is the next request index.
     prefix_warm : set, optional
-        Prefix groups whose prefix is already cached (updated in place).
+        Prefix groups whose prefix is already cached (updated in place).  A
+        group given here and not released in this call is never evicted.
     fast : bool
         ``False``: the straightforward step-by-step implementation (same results, slower).
 
@@ -361,6 +364,27 @@ def run_engine(timer: StepTimer, arrival_us, input_tokens, output_tokens, cfg: S
     (EngineResult, int)
         Results for all requests (untouched ones NaN) and the index of the first
         request not replayed.
+
+    Notes
+    -----
+    *Prefix-cache eviction* (vLLM's free-block queue).  A finished (or
+    preempted) request returns its blocks to the tail of a queue of free
+    blocks, last block first; an allocation takes blocks from the head, and a
+    cached block taken that way loses its content.  So a group's prefix stays
+    cached while a running request holds it, and once the last holder is
+    released its blocks survive until as many blocks have been allocated as
+    stood ahead of them in the queue: the blocks free at that time, plus the
+    request's own blocks after the prefix.  The engine counts blocks returned
+    (``released``) and allocated (``released + kv_blocks - free``): a prefix
+    released when ``released`` was ``R`` by a request holding ``n`` blocks, of
+    which ``m`` are the prefix, has its last block at queue position
+    ``R + kv_blocks + n - m``; every block allocated beyond that position
+    evicts one more of its blocks from the end (a prefix is served up to its
+    first missing block).  Requests released in the same step are placed as
+    if released together (position from ``released`` before that step's
+    releases), which keeps the order in which a step releases them
+    irrelevant.  A cache hit allocates the hit blocks like new ones (vLLM
+    takes them out of the free queue).
     """
     eng = (_FastEngine if fast else _Engine)(timer, arrival_us, input_tokens, output_tokens, cfg, prefix_tokens,
                                              prefix_group, first, stop_when_idle, prefix_warm)
@@ -386,6 +410,10 @@ class _Engine:
         self.pre = [0] * n if prefix_tokens is None else np.asarray(prefix_tokens, np.int64).tolist()
         self.grp = [-1] * n if prefix_group is None else np.asarray(prefix_group, np.int64).tolist()
         self.warm = prefix_warm if prefix_warm is not None else set()
+        self.released = 0          # KV blocks ever returned to the free queue
+        self.holders: dict[int, int] = {}  # prefix group -> running requests holding its cached prefix
+        self.qpos: dict[int, int] = {}     # idle prefix group -> queue position of its last prefix block
+        self.holds = [False] * n   # the request holds its group's prefix (its prefill is done)
         self.stop_when_idle = stop_when_idle
         self.bs = cfg.block_size
         nan = float("nan")
@@ -425,10 +453,43 @@ class _Engine:
                 continue
             self.waiting.append(r)
 
-    def cached_tokens(self, r: int) -> int:
-        if self.cfg.prefix_cache and self.grp[r] >= 0 and self.grp[r] in self.warm:
-            return max(0, min(self.pre[r] // self.bs * self.bs, self.target[r] - 1))
-        return 0
+    def cached_tokens(self, r: int, free: int | None = None) -> int:
+        """Prefix tokens of ``r`` served from cache if it is admitted now (``free``: free blocks at that point)."""
+        g = self.grp[r]
+        if not self.cfg.prefix_cache or g < 0 or g not in self.warm:
+            return 0
+        blocks = self.pre[r] // self.bs
+        pos = self.qpos.get(g)
+        if pos is not None and not self.holders.get(g):
+            evicted = self.released + self.cfg.kv_blocks - (self.free if free is None else free) - pos
+            if evicted > 0:
+                blocks = blocks - evicted if evicted < blocks else 0
+        return max(0, min(blocks * self.bs, self.target[r] - 1))
+
+    def evictable(self, r: int) -> bool:
+        """Whether the cached prefix of ``r`` could still shrink before ``r`` is admitted."""
+        g = self.grp[r]
+        return g >= 0 and g in self.warm and g in self.qpos and not self.holders.get(g)
+
+    def hold(self, r: int) -> None:
+        """``r`` finished its prefill: its group's prefix is cached and held."""
+        g = self.grp[r]
+        if g >= 0:
+            self.warm.add(g)
+            if not self.holds[r]:
+                self.holds[r] = True
+                self.holders[g] = self.holders.get(g, 0) + 1
+
+    def release(self, r: int, blocks: int, released: int | None = None) -> None:
+        """Return the ``blocks`` of ``r`` to the free queue (``released``: the count the step's releases start from)."""
+        if self.holds[r]:
+            self.holds[r] = False
+            g = self.grp[r]
+            self.holders[g] -= 1
+            base = self.released if released is None else released
+            self.qpos[g] = base + self.cfg.kv_blocks + blocks - self.pre[r] // self.bs
+        self.free += blocks
+        self.released += blocks
 
     def record(self, starts, durs, batch_size, ptoks, dtoks) -> None:
         rec = self.rec
@@ -550,8 +611,7 @@ class _Engine:
         for _, chunk, r in entries:
             progress[r] += chunk
             if progress[r] >= target[r]:
-                if self.grp[r] >= 0:
-                    self.warm.add(self.grp[r])
+                self.hold(r)
                 if generated[r] == 0:
                     self.ttft[r] = self.t - self.arrival[r]
                 generated[r] += 1  # the first token, or the next one after a recompute
@@ -565,16 +625,17 @@ class _Engine:
                 finished.append(r)
         if finished:
             done = set(finished)
+            base = self.released
             for r in finished:
                 self.set_e2e(r)
-                self.free += held[r]
+                self.release(r, held[r], base)
                 held[r] = 0
             running = [r for r in running if r not in done]
         return running
 
     def preempt(self, victim: int) -> None:
         """Free the victim's blocks; it recomputes prompt + generated tokens later (front of the queue)."""
-        self.free += self.held[victim]
+        self.release(victim, self.held[victim])
         self.held[victim] = 0
         self.progress[victim] = 0
         self.target[victim] = self.inp[victim] + self.generated[victim]
@@ -626,7 +687,7 @@ class _FastEngine(_Engine):
         self.floor = getattr(timer, "_floor", None)
         self.phantom = cfg.phantom_last_step
         self.zero_pi = cfg.cached_prefill_pi == "zero"
-        self.cacheable = [p // self.bs * self.bs for p in self.pre] if cfg.prefix_cache else None
+        self.cacheable = cfg.prefix_cache and any(g >= 0 for g in self.grp)
         if first < n and self.aggregate:
             q_max = min(cfg.max_running, max(n - first, 1))
             kv_max = max(a + b for a, b in zip(self.inp[first:], self.out[first:]))
@@ -679,12 +740,17 @@ class _FastEngine(_Engine):
                 return f
             heapq.heappop(h)
 
-    def finish_decoders(self, dur: int) -> None:
-        """Finish every decoding request whose last tick was ``D - 1`` (stale heap entries are dropped)."""
+    def finish_decoders(self, dur: int, released: int | None = None) -> None:
+        """Finish every decoding request whose last tick was ``D - 1`` (stale heap entries are dropped).
+
+        ``released``: the released-block count this step's releases start from (default: now).
+        """
         h = self.fin_heap
         D = self.D
         if not h or h[0][0] >= D:  # every entry, stale or not, is later
             return
+        base = self.released if released is None else released
+        holds = self.holds
         dec_c, last_tick, bs, phase = self.dec_c, self.last_tick, self.bs, self.phase
         freed = 0
         while h and h[0][0] < D:
@@ -701,9 +767,14 @@ class _FastEngine(_Engine):
                 c = self.dec_remove(r)
             self.last[r] = dur
             self.e2e[r] = self.t - self.arrival[r] + (dur if self.phantom and self.out[r] > 1 else 0)
-            freed += -(-(c + D) // bs)
+            nb = -(-(c + D) // bs)
+            if holds[r]:
+                self.release(r, nb, base)
+            else:
+                freed += nb
             del self.run_order[r]
         self.free += freed
+        self.released += freed
 
     def new_blocks(self, k: int) -> int:
         """KV blocks the decoding requests newly need over the next ``k`` ticks."""
@@ -778,18 +849,13 @@ class _FastEngine(_Engine):
 
     def admit_waiting(self, budget: int, entries: list, n_running: int) -> tuple[int, list[int]]:
         """:meth:`_Engine.admit_waiting` with the prefix-cache lookup inlined."""
-        waiting, target, grp, warm, cacheable = self.waiting, self.target, self.grp, self.warm, self.cacheable
+        waiting, target, cacheable = self.waiting, self.target, self.cacheable
         bs, zero, start, held, progress = self.bs, self.zero_pi, self.start, self.held, self.progress
         room = self.max_running - n_running
         admitted: list[int] = []
         while waiting and budget > 0 and room > 0:
             r = waiting[0]
-            g = grp[r]
-            cached = 0
-            if cacheable is not None and g >= 0 and g in warm:
-                cached = min(cacheable[r], target[r] - 1)
-                if cached < 0:
-                    cached = 0
+            cached = self.cached_tokens(r) if cacheable else 0
             chunk = target[r] - cached
             if chunk > budget:
                 chunk = budget
@@ -824,7 +890,7 @@ class _FastEngine(_Engine):
         c = self.dec_remove(r)
         D = self.D
         self.generated[r] = c + D + 1 - self.inp[r]
-        self.free += self.blocks_for(c + D)
+        self.release(r, self.blocks_for(c + D))
         self.held[r] = 0
         del self.run_order[r]
         self.progress[r] = 0
@@ -918,13 +984,13 @@ class _FastEngine(_Engine):
         self.n_steps += 1
         self.D = D = D + 1
         generated, out, inp, pref = self.generated, self.out, self.inp, self.pref
+        released = self.released  # this step's releases start here
         for _, chunk, r in entries:
             pr = progress[r] = progress[r] + chunk
             if pr >= target[r]:
                 pref.remove(r)
-                g = self.grp[r]
-                if g >= 0:
-                    self.warm.add(g)
+                if self.grp[r] >= 0:
+                    self.hold(r)
                 gen = generated[r]
                 if gen == 0:
                     self.ttft[r] = t - self.arrival[r]
@@ -932,7 +998,7 @@ class _FastEngine(_Engine):
                 self.last[r] = dur
                 if gen >= out[r]:
                     self.set_e2e(r)
-                    self.free += held[r]
+                    self.release(r, held[r], released)
                     held[r] = 0
                     del self.run_order[r]
                 elif self.ctx is None:  # dec_add, inlined
@@ -952,7 +1018,7 @@ class _FastEngine(_Engine):
         if q:
             h = self.fin_heap
             if h and h[0][0] < D:
-                self.finish_decoders(dur)
+                self.finish_decoders(dur, released)
 
     def decode_run(self) -> bool:
         """A run of pure-decode steps until the next event; False if the next step is not one."""
@@ -966,18 +1032,18 @@ class _FastEngine(_Engine):
             return False
         waiting = self.waiting
         room = len(self.run_order) < self.max_running and B > q
+        evicting = False
         if room and waiting:  # would the head of the queue be admitted in this step?
             r = waiting[0]
-            g = self.grp[r]
-            cached = 0
-            if self.cacheable is not None and g >= 0 and g in self.warm:
-                cached = max(0, min(self.cacheable[r], self.target[r] - 1))
+            cached = self.cached_tokens(r, free - need0) if self.cacheable else 0
             if -(-(cached + min(self.target[r] - cached, B - q)) // bs) <= free - need0:
                 return False
+            # its cached prefix may shrink as the run allocates blocks, which can let it in: step by step
+            evicting = self.cacheable and self.evictable(r)
         f, r = self.fin_heap[0]
         if r not in dec_c or self.last_tick[r] != f:
             f = self.min_fin()
-        k = f - D + 1
+        k = 1 if evicting else f - D + 1
         if self.max_steps - self.n_steps < k:
             k = self.max_steps - self.n_steps
         if k > 1 and (-(-k // bs)) * q > free and self.new_blocks(k) > free:

@@ -182,18 +182,23 @@ class LoadedRun:
         return self.trace.model
 
     def windowed(self, window_s: float | None) -> BatchedRun:
-        """The full run, or its first ``window_s`` s of every stage (:func:`~calib.replay.batched.window_trace`)."""
+        """The full run, or its first ``window_s`` s of every stage (:func:`~calib.replay.batched.window_trace`).
+
+        A window's requests keep the prefix lengths and groups the full run gave them (a window may be too
+        short to show the prompts the run repeats).
+        """
         if window_s is None:
             return self.run
         key = float(window_s)
         run = self.windows.get(key)
         if run is None:
             trace = window_trace(self.trace, key)
-            if self.info is None:
-                run = BatchedRun(trace, **{**self.run.options, "record_steps": False})
-            else:
-                base = {k: v for k, v in self.run.options.items() if k in _USER_OPTIONS}
-                run = _given_prefix_run(trace, self.info, **{**base, "record_steps": False})
+            full = self.run.inputs()
+            rows = pd.Index(self.trace.requests["request_index"].to_numpy()).get_indexer(
+                trace.requests["request_index"].to_numpy())
+            opts = {**self.run.options, "record_steps": False, "prefix_tokens": full.prefix_tokens[rows],
+                    "prefix_group": full.prefix_group[rows]}
+            run = _GivenPrefixRun(trace, full.prefix_source, **opts)
             self.windows[key] = run
         return run
 
@@ -201,10 +206,6 @@ class LoadedRun:
 def run_group(trace: Trace, is_moe: bool) -> str:
     """``overloaded`` for a reasoning run, else ``moe`` or ``dense``."""
     return "overloaded" if trace.overloaded else ("moe" if is_moe else "dense")
-
-
-#: :func:`load_run` options a user chooses (the rest are derived from a calib run's files).
-_USER_OPTIONS = ("prefix", "cached_prefill_pi", "max_steps", "record_steps")
 
 
 class _GivenPrefixRun(BatchedRun):
@@ -223,11 +224,10 @@ class _GivenPrefixRun(BatchedRun):
 def _given_prefix_run(trace: Trace, info: RunInfo, *, prefix: str = "auto", **options: Any) -> BatchedRun:
     """The engine binding of a calib-format trace: its prefix arrays and context limit from ``info``.
 
-    The same rule as :func:`calib.replay.batched.replay_inputs` applies to an inference-perf folder's
-    files: ``prefix_group`` labels when some request has one (``auto``/``groups``), else the shared
-    system prompts assigned round robin in arrival order (``auto``/``profile``), else none.
+    The rule of :func:`calib.replay.prefix.prefix_arrays`, as for an inference-perf folder's files
+    (:func:`calib.replay.batched.replay_inputs`).
     """
-    from calib.replay.batched import PREFIX_MODES
+    from calib.replay.prefix import PREFIX_MODES, prefix_arrays
 
     if prefix not in PREFIX_MODES:
         raise ConfigError(f"unknown prefix mode {prefix!r}; choose one of {', '.join(PREFIX_MODES)}", field="prefix")
@@ -235,31 +235,14 @@ def _given_prefix_run(trace: Trace, info: RunInfo, *, prefix: str = "auto", **op
     if info.max_model_len is not None:
         opts["max_model_len"] = int(info.max_model_len)
     req = trace.requests
-    n = len(req)
-    labels = req["prefix_group"].astype(str).to_numpy() if "prefix_group" in req.columns else np.full(n, "")
-    has_labels = bool((labels != "").any())
+    labels = req["prefix_group"].astype(str).to_numpy() if "prefix_group" in req.columns else None
     p = info.prefix
-    if prefix == "none":
+    pre, grp, source = prefix_arrays(prefix, request_index=req["request_index"].to_numpy(),
+                                     input_tokens=req["input_tokens"].to_numpy(np.int64), labels=labels,
+                                     group_prompt_len=p.group_prompt_len, shared_prompt_len=p.shared_prompt_len,
+                                     shared_prompts=p.shared_prompts, source=trace.source)
+    if not (grp >= 0).any():
         return BatchedRun(trace, prefix="none", **opts)
-    if prefix == "groups" or (prefix == "auto" and has_labels):
-        if not has_labels or p.group_prompt_len < 1:
-            raise DataError("no prefix_group labels (or no prefix length) in the run", file=trace.source,
-                            field="prefix_group")
-        codes = {g: i for i, g in enumerate(sorted(set(labels.tolist()) - {""}))}
-        grp = np.array([codes.get(label, -1) for label in labels], np.int64)
-        pre = np.where(grp >= 0, p.group_prompt_len, 0).astype(np.int64)
-        source = f"prefix_group labels ({len(codes)} groups of a {p.group_prompt_len}-token prefix)"
-    elif p.shared_prompt_len > 0 and p.shared_prompts > 0:
-        grp = np.arange(n, dtype=np.int64) % p.shared_prompts
-        pre = np.full(n, p.shared_prompt_len, np.int64)
-        source = (f"profile: {p.shared_prompts} system prompts of {p.shared_prompt_len} tokens, assigned round robin "
-                  "(the run has no prefix_group labels)")
-    elif prefix == "profile":
-        raise DataError("the run declares no shared system prompt", file=trace.source,
-                        field="prefix.shared_prompt_len")
-    else:
-        return BatchedRun(trace, prefix="none", **opts)
-    pre = np.minimum(pre, req["input_tokens"].to_numpy(np.int64))
     return _GivenPrefixRun(trace, source, prefix=prefix, prefix_tokens=pre, prefix_group=grp, **opts)
 
 

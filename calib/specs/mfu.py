@@ -6,7 +6,10 @@ v2.0-v2.3) or §4.3 (``rule="interp"``, v2.4) and are vectorised with numpy.
 
 calib keeps its own compact JSON copy of the tables (``configs/mfu/<gpu>.json``,
 format marker ``calib-mfu/1``), written by :func:`import_bench_data` from a raw
-``bench_data`` directory and read back by :func:`load_mfu`.
+``bench_data`` directory and read back by :func:`load_mfu`.  A JSON file is
+parsed and validated once per process and content: :func:`load_mfu` returns the
+same (immutable) :class:`MFUDatabase` for the same file and bytes, and reads an
+edited file anew.
 
 Tie-breaking, wherever the spec leaves it open: the first row in file order
 wins (this is what the reference Go code does with its strict ``<`` scans).
@@ -16,6 +19,7 @@ distance.  A table row counts as "non-zero" when its mfu is >= 1e-4.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +28,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from numpy.typing import ArrayLike
 
 from calib.errors import ConfigError
@@ -510,6 +513,8 @@ def _columns(raw: Mapping[str, Sequence], names: Sequence[str], file, where: str
     finite numbers, key columns positive integers, 0 <= mfu <= 1, no duplicate
     keys and at least one mfu >= 1e-4.  ``where`` prefixes field names.
     """
+    import pandas as pd  # only to validate tables (a cached load_mfu, ``calib --help`` never get here)
+
     out: dict[str, np.ndarray] = {}
     for name in names:
         field = where + name
@@ -548,6 +553,8 @@ def _columns(raw: Mapping[str, Sequence], names: Sequence[str], file, where: str
 
 def _read_csv(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
     import io
+
+    import pandas as pd
 
     from calib.specs._files import read_text
 
@@ -701,10 +708,33 @@ def _written_by_import(path: Path) -> bool:
     return f'"format": {json.dumps(MFU_FORMAT)}' in head
 
 
+#: (path as given, digest of the file's bytes) -> MFUDatabase: one parse per process and content
+_LOADED: dict[tuple[str, bytes], MFUDatabase] = {}
+_MAX_LOADED = 32
+
+
 def _read_json(path: Path) -> MFUDatabase:
+    """The database of a calib MFU JSON file, parsed and validated once per content.
+
+    The file is read every time (a few tens of microseconds) and the cache is
+    keyed by its bytes, not its modification time: an edit within the file
+    system's timestamp granularity is never missed.  The database is immutable
+    (read-only arrays, frozen dataclasses), so callers share it.
+    """
     from calib.specs._files import read_text
 
     text = read_text(path, None, ConfigError)
+    key = (str(path), hashlib.blake2b(text.encode("utf-8"), digest_size=20).digest())
+    db = _LOADED.get(key)
+    if db is None:
+        db = _parse_json(path, text)
+        if len(_LOADED) >= _MAX_LOADED:
+            _LOADED.clear()
+        _LOADED[key] = db
+    return db
+
+
+def _parse_json(path: Path, text: str) -> MFUDatabase:
     try:
         doc = json.loads(text)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:

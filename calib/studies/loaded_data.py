@@ -100,7 +100,7 @@ class LoadedData(Strict):
     data_dir: str | None = None
     runs: list[str] | None = None
     output_rule: Literal["profile", "recorded", "exclude"] = "profile"
-    prefix: Literal["auto", "groups", "profile", "none"] = "auto"
+    prefix: Literal["auto", "groups", "repeats", "profile", "none"] = "auto"
     cached_prefill_pi: Literal["cached", "zero"] = "cached"
     max_steps: int | None = Field(default=None, ge=1)
     hardware: str = "h100"

@@ -58,7 +58,7 @@ def _check_workers(workers: int) -> int:
 
 def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None = None, storage: str | None = None,
               progress: bool = True, report: bool = True, workers: int = 1, heartbeat_interval: int | None = None,
-              grace_period: int | None = None, serial_storage: str = "sqlite") -> dict:
+              grace_period: int | None = None, serial_storage: str = "journal") -> dict:
     """Run ``study_file`` and write ``results.json`` (+ ``REPORT.md`` and plots) into ``out_dir``.
 
     A rerun with the same storage resumes: completed trials are not repeated.
@@ -75,8 +75,8 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
     mode : {"reference", "corrected"}, optional
         Run only this mode of a study with ``modes``.
     storage : str, optional
-        Optuna storage URL (default: ``optuna.db`` in ``out_dir``, or
-        ``optuna.journal`` when ``workers > 1``).
+        Optuna storage URL (default: the journal file ``optuna.journal`` in
+        ``out_dir``, or the ``optuna.db`` a serial run finds there).
     progress : bool
         Show progress bars.
     report : bool
@@ -86,10 +86,11 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
     heartbeat_interval, grace_period : int, optional
         Heartbeat settings of the storage in seconds (defaults in
         :mod:`calib.studies.storage`).
-    serial_storage : {"sqlite", "journal"}
+    serial_storage : {"journal", "sqlite"}
         The default storage a serial run starts in a folder that holds none
-        (``optuna.db`` or ``optuna.journal``; see
-        :func:`calib.studies.storage.default_storage_url`).  Either resumes.
+        (``optuna.journal`` or ``optuna.db``; see
+        :func:`calib.studies.storage.default_storage_url`).  Either resumes,
+        and a folder holding either resumes from it whatever this says.
 
     Returns
     -------
@@ -111,22 +112,23 @@ def run_study(study_file: str | Path, out_dir: str | Path, *, mode: str | None =
     return _run_one(spec.for_mode(modes[0]), study_file, Path(out_dir), mode=modes[0], **options)
 
 
-def _serial_journal(out_dir: Path) -> str:
-    """The default journal-file URL of a serial run into ``out_dir`` (its ``optuna.db`` when it holds one),
-    after the checks :class:`RunContext` makes of a default storage (no link out of the folder)."""
+def _serial_default(out_dir: Path, serial_storage: str) -> str:
+    """The default storage URL of a serial run into ``out_dir`` (its journal file or ``optuna.db`` when it holds
+    one, else a new one of ``serial_storage``), after the checks :class:`RunContext` makes of a default storage
+    (no link out of the folder)."""
     from calib.studies.context import STORAGE_FILES, check_out_dir, safe_path
     from calib.studies.storage import default_storage_url
 
     out = check_out_dir(out_dir)
     for name in STORAGE_FILES:
         safe_path(out, name)
-    return default_storage_url(out, 1, serial="journal")
+    return default_storage_url(out, 1, serial=serial_storage)
 
 
 def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report, workers, heartbeat_interval,
-             grace_period, serial_storage="sqlite") -> dict:
-    if not storage and workers == 1 and serial_storage == "journal":
-        storage = _serial_journal(out_dir)
+             grace_period, serial_storage="journal") -> dict:
+    if not storage and workers == 1:
+        storage = _serial_default(out_dir, serial_storage)
     ctx = RunContext(out_dir, storage_url=storage, progress=progress, study_file=Path(study_file).name,
                      workers=workers, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     if workers > 1:

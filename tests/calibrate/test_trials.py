@@ -317,10 +317,16 @@ def test_storage_errors_never_show_the_password(tmp_path):
 
 
 def test_default_storage_and_labels(tmp_path):
-    assert default_storage_url(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    assert default_storage_url(tmp_path) == f"journal:{tmp_path.resolve() / 'optuna.journal'}"
     assert default_storage_url(tmp_path, workers=2) == f"journal:{tmp_path.resolve() / 'optuna.journal'}"
+    db = f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    assert default_storage_url(tmp_path, serial="sqlite") == db
+    assert describe_storage(db, tmp_path) == "sqlite: optuna.db in the output folder"
+    (tmp_path / "optuna.db").touch()
+    assert default_storage_url(tmp_path) == db  # a serial run resumes a folder's optuna.db
+    assert default_storage_url(tmp_path, workers=2).startswith("journal:")  # SQLite cannot be shared
     (tmp_path / "optuna.journal").touch()
-    assert default_storage_url(tmp_path).startswith("journal:")  # a parallel study resumes serially
+    assert default_storage_url(tmp_path, serial="sqlite").startswith("journal:")  # a parallel study resumes serially
     assert describe_storage(default_storage_url(tmp_path), tmp_path) == "journal: optuna.journal in the output folder"
     assert describe_storage("postgresql://a:b@h/d", tmp_path) == "postgresql://a:***@h/d"
     with pytest.raises(StudyError, match="SQLite"):

@@ -247,7 +247,7 @@ def test_real_run_window(shared_data):
     rep = BatchedRun(trace).run(sm, PerLayer(80.0))
     r = run_report(rep)
     assert r["stats"]["n_compared"] == len(trace.requests) and not r["replay"]["hit_step_cap"]
-    assert "system prompts" in r["replay"]["prefix"]
+    assert r["replay"]["prefix"].startswith("repeated prompts: 100 prompts")
     assert all(np.isfinite(v) for v in r["headline"]["ape"].values())
     assert 10.0 < r["headline"]["measured"]["tpot_mean_ms"] < 20.0
 

@@ -115,6 +115,32 @@ def test_prefix_warm_set_is_used_and_updated(fast):
 
 
 @BOTH
+@pytest.mark.parametrize("between, cached", [(16, 63), (17, 48), (19, 16), (20, 0)])
+def test_an_idle_cached_prefix_is_evicted_block_by_block_from_its_end(fast, between, cached):
+    """vLLM's free queue: A (4 prefix blocks) is released to the queue behind the 16 blocks free then, its
+    last prefix block first; B allocates ``between`` blocks; every allocation past those 16 evicts one more
+    block of A's prefix from the end; C (A's prompt again) is served what is left (at most 63 = 64 - 1)."""
+    cfg = SchedulerConfig(kv_blocks=20, record_steps=True, cached_prefill_pi="cached")
+    res, timer = replay([0, 100_000, 200_000], [64, 16 * between, 64], [1, 1, 1], cfg, fast=fast,
+                        prefix_tokens=[64, 0, 64], prefix_group=[0, -1, 0])
+    assert timer.calls[2] == ([(cached, 64 - cached)], [])
+
+
+@pytest.mark.parametrize("engine", [_Engine, _FastEngine])
+def test_a_prefix_held_by_a_running_request_is_never_evicted(engine):
+    """Past its queue position an idle prefix is evicted from its end; while a request holds it, it is not."""
+    cfg = SchedulerConfig(kv_blocks=40, cached_prefill_pi="cached")
+    eng = engine(FakeTimer(), [0, 0], [64, 64], [1, 1], cfg, [64, 64], [0, 0], 0, False, {0})
+    assert eng.cached_tokens(1) == 63  # warm from outside, never released here: pinned
+    eng.qpos[0] = 20  # released behind 20 - 0 allocations' worth of queue
+    eng.released, eng.free = 23, 40  # 23 blocks allocated so far: 3 of its 4 blocks evicted
+    assert eng.cached_tokens(1) == 16
+    assert eng.cached_tokens(1, free=38) == 0  # two more blocks allocated first
+    eng.holders[0] = 1
+    assert eng.cached_tokens(1) == 63
+
+
+@BOTH
 def test_chunked_prefill_at_2048_tokens(fast):
     res, timer = replay([0], [5000], [2], fast=fast)
     assert [c[0] for c in timer.calls[:3]] == [[(0, 2048)], [(2048, 2048)], [(4096, 904)]]

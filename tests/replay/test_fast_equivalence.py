@@ -10,6 +10,7 @@ Every request's TTFT, E2E and start, and every recorded step, must be equal.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -65,7 +66,7 @@ workloads = st.fixed_dictionaries({
     "max_running": st.sampled_from([2, 256]),
     "kv_blocks": st.sampled_from([40, 120, 1_000_000]),
     "record": st.booleans(),
-    "prefix": st.sampled_from([0, 150]),
+    "prefix": st.sampled_from([0, 150, "repeat"]),
     "overhead": st.sampled_from(["per_layer", "batch_linear", "split", "none"]),
 })
 
@@ -74,12 +75,15 @@ def make_case(w):
     rng = np.random.default_rng(w["seed"])
     n = w["n"]
     arr = np.sort(rng.integers(0, max(1, w["rate_us"] * n), n)) if w["rate_us"] else np.zeros(n, np.int64)
-    inp = rng.integers(1, 1500, n) + w["prefix"]
+    repeat = w["prefix"] == "repeat"  # three prompts sent in turn, each a prefix of itself (eviction at small KV)
+    inp = rng.integers(1, 1500, 3)[np.arange(n) % 3] if repeat else rng.integers(1, 1500, n) + w["prefix"]
     out = rng.integers(1, 60, n)
     cfg = SchedulerConfig(max_scheduled_tokens=w["budget"], max_running=w["max_running"], kv_blocks=w["kv_blocks"],
                           record_steps=w["record"])
     overhead = {"per_layer": PerLayer(80.0), "batch_linear": BatchLinear(50.0, 3.0),
                 "split": PrefillDecodeSplit(200.0, 40.0), "none": None}[w["overhead"]]
+    if repeat:
+        return arr, inp, out, cfg, overhead, dict(prefix_tokens=inp, prefix_group=np.arange(n) % 3)
     grp = np.where(rng.random(n) < 0.8, rng.integers(0, 2, n), -1)
     return arr, inp, out, cfg, overhead, dict(prefix_tokens=np.full(n, w["prefix"]), prefix_group=grp)
 
@@ -123,3 +127,27 @@ def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
         a, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg)
         b, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg, fast=False)
         assert same(a, b)
+
+
+@pytest.mark.parametrize("name", ["v2.3", "v4", "v4-mixtral-tp2"])
+@pytest.mark.parametrize("kv_blocks", [300, 900, 100_000])
+def test_repeated_prompts_with_eviction(name, kv_blocks):
+    """Twenty prompts sent in turn under load, each cached whole: at small KV caches prefixes are evicted
+    (the replays differ from the unbounded cache's) and both engines still agree step for step."""
+    sm = model_of(name)
+    rng = np.random.default_rng(11)
+    n = 240
+    arr = np.sort(rng.integers(0, 12_000_000, n))
+    prompts = rng.integers(200, 900, 20)
+    inp = prompts[np.arange(n) % 20]
+    out = rng.integers(20, 200, n)
+    kw = dict(prefix_tokens=inp, prefix_group=np.arange(n) % 20)
+    cfg = SchedulerConfig(kv_blocks=kv_blocks, record_steps=True, cached_prefill_pi="cached")
+    fast, ref = replay_both(sm, PerLayer(70.0), arr, inp, out, cfg, **kw)
+    assert same(fast, ref)
+    unbounded, _ = replay_both(sm, PerLayer(70.0), arr, inp, out, replace(cfg, kv_blocks=1_000_000), **kw)
+    prefill = fast.steps["prefill_tokens"].sum()
+    if kv_blocks < 1000:  # evictions: more prompt tokens computed than with room for every prompt
+        assert prefill > unbounded.steps["prefill_tokens"].sum()
+    else:
+        assert prefill == unbounded.steps["prefill_tokens"].sum()

@@ -234,8 +234,10 @@ def in_process(*argv: str) -> tuple[int, str, str]:
 def test_damaged_sqlite_pages_are_one_line_or_harmless(tmp_path):
     study = _study_file(tmp_path)
     base = tmp_path / "base"
+    base.mkdir()
     first = subprocess.run([sys.executable, "-m", "calib", "study", "run", str(study), "--out", str(base),
-                            "--no-progress"], env=env(), capture_output=True, text=True, timeout=120)
+                            "--storage", f"sqlite:///{base / 'optuna.db'}", "--no-progress"], env=env(),
+                           capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr  # (a process that ended: the SQLite write-ahead log is merged)
     assert not (base / "optuna.db-wal").exists()
     reference = json.loads((base / "results.json").read_text())
@@ -250,7 +252,7 @@ def test_damaged_sqlite_pages_are_one_line_or_harmless(tmp_path):
             page = rng.randrange(1, len(raw) // 4096)
             at, size = page * 4096 + rng.randrange(0, 3500), rng.choice([8, 64, 512])
             raw[at:at + size] = rng.randbytes(size)
-        (out / "optuna.db").write_bytes(bytes(raw))
+        (out / "optuna.db").write_bytes(bytes(raw))  # the default storage of a folder holding an optuna.db
         status, _, err = in_process("study", "run", str(study), "--out", str(out), "--no-progress")
         if status == 2:
             lines = [ln for ln in err.splitlines() if ln.startswith("calib study: error")]
@@ -341,7 +343,9 @@ def test_workers_into_a_folder_of_a_serial_run_resume_from_its_database(tmp_path
     study = _study_file(tmp_path)
     out = tmp_path / "out"
     base = [sys.executable, "-m", "calib", "study", "run", str(study), "--out", str(out), "--no-progress"]
-    assert subprocess.run(base, env=env(), capture_output=True, timeout=120).returncode == 0
+    out.mkdir()
+    serial_run = [*base, "--storage", f"sqlite:///{out / 'optuna.db'}"]  # a serial run into SQLite (not the default)
+    assert subprocess.run(serial_run, env=env(), capture_output=True, timeout=120).returncode == 0
     serial = json.loads((out / "results.json").read_text())
     proc = subprocess.run([*base, "--workers", "2"], env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

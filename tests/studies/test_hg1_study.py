@@ -12,6 +12,7 @@ import yaml
 from calib.errors import StudyError
 from calib.studies.runner import run_study
 from calib.studies.spec import load_study_file
+from calib.studies.storage import open_storage
 
 KEEP = ["jan30-llama2-7b-tp4-chatsweep", "jan30-llama2-7b-tp4-codesweep", "20260210-qwen3-14b-tp2-chatsweep"]
 
@@ -71,7 +72,7 @@ def test_tiny_study_end_to_end(tmp_path, dataset):
 
 def phase_study(out, phase: str) -> str:
     """The Optuna study of one phase: ``<name>-<fingerprint>-<phase>`` (the only such study in the storage)."""
-    storage = f"sqlite:///{out / 'optuna.db'}"
+    storage = open_storage(f"journal:{out / 'optuna.journal'}")  # the default storage of a serial run
     names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.endswith(f"-{phase}")]
     assert len(names) == 1, names
     return names[0]
@@ -85,7 +86,7 @@ def test_rerun_is_byte_identical_and_resumes(tmp_path, dataset):
     assert (tmp_path / "a" / "results.json").read_bytes() == first
     run_study(study, tmp_path / "b", progress=False)  # a fresh storage gives the same bytes
     assert (tmp_path / "b" / "results.json").read_bytes() == first
-    storage = f"sqlite:///{tmp_path / 'a' / 'optuna.db'}"
+    storage = open_storage(f"journal:{tmp_path / 'a' / 'optuna.journal'}")
     trials = optuna.load_study(study_name=phase_study(tmp_path / "a", "coarse"), storage=storage).get_trials()
     assert sorted(t.params["overhead.per_layer_us"] for t in trials) == [0, 50, 100]
 
@@ -107,7 +108,7 @@ def test_interrupted_study_resumes_without_repeating(tmp_path, dataset, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_study(study, tmp_path / "out", progress=False)
     monkeypatch.setattr(RooflineRegressor, "predict_all", real)
-    storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+    storage = open_storage(f"journal:{tmp_path / 'out' / 'optuna.journal'}")
     name = phase_study(tmp_path / "out", "coarse")
     before = optuna.load_study(study_name=name, storage=storage).get_trials()
     assert [t.state.name for t in before] == ["COMPLETE", "FAIL"]

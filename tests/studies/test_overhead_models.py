@@ -167,7 +167,7 @@ def test_rerun_and_fresh_run_are_identical_and_a_worker_shares_the_trials(instru
     assert (tmp_path / "fresh" / "results.json").read_bytes() == first
     assert (tmp_path / "fresh" / "calibration.yaml").read_text() == (out / "calibration.yaml").read_text()
     spec = load_study_file(study)
-    ctx = RunContext(tmp_path / "worker", storage_url=f"sqlite:///{out / 'optuna.db'}", role="worker",
+    ctx = RunContext(tmp_path / "worker", storage_url=f"journal:{out / 'optuna.journal'}", role="worker",
                      progress=False)
     w = om.run(spec, ctx)
     assert w["summary"] == r["summary"] and not (tmp_path / "worker" / "calibration.yaml").exists()

@@ -18,6 +18,7 @@ from calib.studies import apematrix
 from calib.studies.evaluate import evaluate
 from calib.studies.runner import run_study
 from calib.studies.spec import load_study_file
+from calib.studies.storage import open_storage
 
 # six quick experiments, three families; the published split is 4 train / 2 test among them
 KEEP = ["jan30-llama2-7b-tp4-chatsweep", "jan30-llama2-7b-tp4-codesweep", "jan30-llama2-7b-tp2-chatsweep",
@@ -165,7 +166,8 @@ def test_rerun_is_byte_identical_and_replays_nothing(result, dataset, tmp_path, 
     monkeypatch.undo()
     run_study(study, tmp_path / "fresh", progress=False)  # fresh storage: replayed again, same bytes
     assert (tmp_path / "fresh" / "results.json").read_bytes() == first
-    s = optuna.load_study(study_name=r["settings"]["optuna_study"], storage=f"sqlite:///{out / 'optuna.db'}")
+    storage = open_storage(f"journal:{out / 'optuna.journal'}")  # the default storage of a serial run
+    s = optuna.load_study(study_name=r["settings"]["optuna_study"], storage=storage)
     stored = sum(len(t.user_attrs["candidates"]) for t in s.trials)
     assert stored == r["settings"]["grid_values_evaluated"]
 
