@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from calib.cli import main
 from calib.data.workloads import EMBEDDED_HG1
-from calib.errors import CalibError, ConfigError, DataError, StudyError
+from calib.errors import ConfigError, DataError, StudyError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("CALIB_FUZZ_EXAMPLES", "40"))

@@ -3,13 +3,15 @@
 DATA are run folders (``calib import`` output or inference-perf folders),
 folders of runs, or run names (as ``calib predict`` takes them).  The rows are
 the load stages of the runs (:func:`calib.estimators.load_stages`); the fit is
-``Calibrator(LoadedRegressor(variant="v3", overhead_model="per_layer_tp_power"),
-space=..., objective=..., search=TPE(...))`` — the physics study's v3
-candidate, the variant that also times mixture-of-experts models: constant
-prefill and decode MFUs, bandwidth efficiency, a TP-aware per-layer overhead
-and a client-side latency per request.  Its objective is the loaded studies'
-one: per stage, TPOT and E2E APE weighted 1, TTFT APE 0.5, each capped at 2;
-mean over runs.
+``Calibrator(LoadedRegressor(variant="v4", overhead_model="per_sequence"),
+space=..., objective=..., search=TPE(...))`` — the joint study's candidate
+(``studies/joint.yaml``, the shipped ``h100-vllm.yaml``), which also times
+mixture-of-experts models: a per-GEMM roofline with a constant MFU, bandwidth
+efficiency and kernel floor, prefill- and decode-attention efficiencies, the
+TP all-reduce latency, a per-step and per-sequence CPU time, and client-side
+latencies per request and per input token.  Its objective is the joint
+study's: per stage, TPOT, E2E and TTFT APE weighted 1, each capped at 2; mean
+over runs.
 
 Held out: with two or more runs (``--cv run``, default) or models (``--cv
 model``), ``sklearn.model_selection.cross_validate`` with
@@ -35,13 +37,15 @@ from pathlib import Path
 
 __all__ = ["register", "SPACE", "OBJECTIVE", "BASE"]
 
-#: The fixed settings of the fit (the physics study's v3 candidate).
-BASE = {"variant": "v3", "overhead_model": "per_layer_tp_power"}
-#: Searched parameters and their ranges (those of ``studies/physics.yaml``'s v3 candidate).
-SPACE = {"mfu_prefill": (0.2, 0.9), "mfu_decode": (0.1, 0.9), "bw_efficiency": (0.5, 1.0),
-         "per_layer_us": (0.0, 300.0), "alpha": (0.0, 1.5), "request_latency_ms": (0.0, 40.0)}
-#: The loss (the loaded studies').
-OBJECTIVE = {"weights": {"tpot": 1.0, "e2e": 1.0, "ttft": 0.5}, "cap": 2.0}
+#: The fixed settings of the fit (the joint study's candidate).
+BASE = {"variant": "v4", "overhead_model": "per_sequence"}
+#: Searched parameters and their ranges (those of ``studies/joint.yaml``'s candidate; a test keeps them equal).
+SPACE = {"gemm_mfu": (0.4, 0.9), "bw_efficiency": (0.7, 1.0), "kernel_floor_us": (0.0, 10.0),
+         "prefill_attention_mfu": (0.2, 0.9), "decode_attention_efficiency": (0.3, 1.0), "allreduce_us": (0.0, 40.0),
+         "step_us_const": (0.0, 3000.0), "per_seq_us": (0.0, 100.0), "request_latency_ms": (0.0, 40.0),
+         "input_token_latency_us": (0.0, 20.0)}
+#: The loss (the joint study's).
+OBJECTIVE = {"weights": {"tpot": 1.0, "e2e": 1.0, "ttft": 1.0}, "cap": 2.0}
 
 
 def register(subparsers) -> None:

@@ -94,7 +94,7 @@ class JointRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         here is ``corrected`` (module docstring).  Validated in ``fit``.
     target : {"tpot", "ttft", "e2e"}, default "tpot"
         What ``predict`` returns and ``score`` scores.
-    prefix, cached_prefill_pi, max_steps :
+    prefix, cached_prefill_pi, max_steps, async_scheduling :
         Options of the loaded replay (:class:`~calib.estimators.loaded.LoadedRegressor`).
 
     Attributes
@@ -132,10 +132,12 @@ class JointRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     (0.5, 0.5)
     """
 
-    __init__ = settings_init(target="tpot", prefix="auto", cached_prefill_pi="cached", max_steps=None)
+    __init__ = settings_init(target="tpot", prefix="auto", cached_prefill_pi="cached", max_steps=None,
+                             async_scheduling=True)
     _fitted_attr = "datasets_"
     _parameter_constraints = {**settings_constraints(), "target": [str], "prefix": [str],
-                              "cached_prefill_pi": [str], "max_steps": [Integral, None]}
+                              "cached_prefill_pi": [str], "max_steps": [Integral, None],
+                              "async_scheduling": ["boolean"]}
 
     def settings(self) -> Settings:
         """The validated settings; ``mode`` is :data:`SYNC_MODE` unless given."""
@@ -150,7 +152,8 @@ class JointRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         return {"sync": RooflineRegressor.from_settings(s, target=self.target),
                 "loaded": LoadedRegressor.from_settings(s, target=self.target, prefix=self.prefix,
                                                         cached_prefill_pi=self.cached_prefill_pi,
-                                                        max_steps=self.max_steps)}
+                                                        max_steps=self.max_steps,
+                                                        async_scheduling=self.async_scheduling)}
 
     # ---- scikit-learn API ------------------------------------------------------------
     def fit(self, X, y=None):

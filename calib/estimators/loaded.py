@@ -75,10 +75,12 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         errors (:func:`calib.replay.loaded.check_settings`).
     target : {"tpot", "ttft", "e2e"}, default "tpot"
         What ``predict`` returns and ``score`` scores.
-    prefix : {"auto", "groups", "profile", "none"}, default "auto"
-        Prefix-cache assumption (:mod:`calib.replay.batched`).
+    prefix : {"auto", "groups", "repeats", "profile", "none"}, default "auto"
+        Prefix-cache assumption (:mod:`calib.replay.prefix`).
     cached_prefill_pi : {"cached", "zero"}, default "cached"
         First step of a request partly served from the prefix cache.
+    async_scheduling : bool, default True
+        vLLM's async scheduling: an arrival joins the step after next (:mod:`calib.replay.batched`).
     max_steps : int, optional
         Step cap of a replay (default: ``2 x (output tokens + chunks) + 1000``).
 
@@ -111,10 +113,12 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     ['ttft', 'tpot', 'e2e']
     """
 
-    __init__ = settings_init(target="tpot", prefix="auto", cached_prefill_pi="cached", max_steps=None)
+    __init__ = settings_init(target="tpot", prefix="auto", cached_prefill_pi="cached", max_steps=None,
+                             async_scheduling=True)
     _fitted_attr = "runs_"
     _parameter_constraints = {**settings_constraints(), "target": [str], "prefix": [str],
-                              "cached_prefill_pi": [str], "max_steps": [Integral, None]}
+                              "cached_prefill_pi": [str], "max_steps": [Integral, None],
+                              "async_scheduling": ["boolean"]}
 
     def _check_params(self) -> Settings:
         if self.target not in TARGETS:
@@ -199,12 +203,13 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
 
     # ---- replays -----------------------------------------------------------------------
     def _run(self, source: str, output_rule: str) -> LoadedRun:
-        key = (source, output_rule, self.prefix, self.cached_prefill_pi, self.max_steps)
+        key = (source, output_rule, self.prefix, self.cached_prefill_pi, self.max_steps, self.async_scheduling)
         run = _RUNS.get(key)
         if run is None:
             return _remember(_RUNS, key, load_run(source, output_rule=output_rule, prefix=self.prefix,
                                                   cached_prefill_pi=self.cached_prefill_pi,
-                                                  max_steps=self.max_steps), _MAX_RUNS)
+                                                  max_steps=self.max_steps,
+                                                  async_scheduling=self.async_scheduling), _MAX_RUNS)
         _RUNS.move_to_end(key)
         return run
 
@@ -212,7 +217,8 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         """Per-stage predicted means of one (run, output rule, window) without the client latency (cached)."""
         source, output_rule, window_s = trace_key
         base = settings.with_values({"request_latency_ms": 0.0, "input_token_latency_us": 0.0})
-        key = (trace_key, self.prefix, self.cached_prefill_pi, self.max_steps, settings.physics.hardware,
+        key = (trace_key, self.prefix, self.cached_prefill_pi, self.max_steps, self.async_scheduling,
+               settings.physics.hardware,
                settings.physics_options(), settings.overhead_model())
         stages = _STAGES.get(key)
         if stages is None:

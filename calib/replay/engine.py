@@ -94,6 +94,11 @@ class SchedulerConfig:
         read), ``"cached"`` uses the number of cached tokens.
     phantom_last_step : bool
         Add the last step's time to E2E once more (reference before 08d5abc6).
+    async_scheduling : bool
+        vLLM's async scheduling (the default from vLLM 0.14): the engine
+        schedules step ``N + 1`` when step ``N`` starts executing, so a request
+        arriving while a step runs joins the step after next; an idle engine
+        schedules an arrival at once.  Off: a request joins the next step.
     max_steps : int
         Safety cap; a replay that reaches it stops and says so (``hit_step_cap``).
     record_steps : bool
@@ -107,6 +112,7 @@ class SchedulerConfig:
     prefix_cache: bool = True
     cached_prefill_pi: str = "zero"
     phantom_last_step: bool = True
+    async_scheduling: bool = False
     max_steps: int = 50_000_000
     record_steps: bool = False
 
@@ -431,6 +437,8 @@ class _Engine:
         self.free = cfg.kv_blocks
         self.first = first
         self.t = self.arrival[first] if first < n else 0
+        self.t_sched = self.t  # arrivals up to here can join the step about to be built (async_scheduling)
+        self.ahead = cfg.async_scheduling
         self.nxt = first
         self.n_steps = 0
         self.preemptions = 0
@@ -444,7 +452,7 @@ class _Engine:
         return -(-tokens // self.bs)
 
     def admit_arrivals(self) -> None:
-        n, arrival, t = self.n, self.arrival, self.t
+        n, arrival, t = self.n, self.arrival, (self.t_sched if self.ahead else self.t)
         while self.nxt < n and arrival[self.nxt] <= t:
             r = self.nxt
             self.nxt += 1
@@ -545,9 +553,12 @@ class _Engine:
         while True:
             self.admit_arrivals()
             if self.idle():
+                if self.ahead and self.nxt < self.n and self.arrival[self.nxt] <= self.t:
+                    self.t_sched = self.t  # nothing in flight: an arrival is scheduled at once
+                    continue
                 if self.nxt >= self.n or self.stop_when_idle:
                     break
-                self.t = self.arrival[self.nxt]
+                self.t = self.t_sched = self.arrival[self.nxt]
                 continue
             if self.n_steps >= cfg.max_steps:
                 self.hit_cap = True
@@ -605,6 +616,7 @@ class _Engine:
         dur = self.timer.step_us(hw, len(entries), ptoks, len(d_req))
         if self.rec is not None:
             self.record([self.t], [dur], [len(entries) + len(d_req)], [ptoks], [len(d_req)])
+        self.t_sched = self.t  # the next step was scheduled when this one started
         self.t += dur
         self.n_steps += 1
         finished = []
@@ -811,12 +823,15 @@ class _FastEngine(_Engine):
     def run(self) -> tuple[EngineResult, int]:
         arrival, n, B = self.arrival, self.n, self.B
         while True:
-            if self.nxt < n and arrival[self.nxt] <= self.t:
+            if self.nxt < n and arrival[self.nxt] <= (self.t_sched if self.ahead else self.t):
                 self.admit_arrivals()
             if not self.run_order and not self.waiting:
+                if self.ahead and self.nxt < n and arrival[self.nxt] <= self.t:
+                    self.t_sched = self.t  # nothing in flight: an arrival is scheduled at once
+                    continue
                 if self.nxt >= n or self.stop_when_idle:
                     break
-                self.t = arrival[self.nxt]
+                self.t = self.t_sched = arrival[self.nxt]
                 continue
             if self.n_steps >= self.max_steps:
                 self.hit_cap = True
@@ -836,7 +851,8 @@ class _FastEngine(_Engine):
 
     def admit_arrivals(self) -> None:
         """:meth:`_Engine.admit_arrivals`, inlined."""
-        n, arrival, t, inp, out, bs = self.n, self.arrival, self.t, self.inp, self.out, self.bs
+        n, arrival, inp, out, bs = self.n, self.arrival, self.inp, self.out, self.bs
+        t = self.t_sched if self.ahead else self.t
         kv_blocks, waiting = self.cfg.kv_blocks, self.waiting
         r = self.nxt
         while r < n and arrival[r] <= t:
@@ -980,6 +996,7 @@ class _FastEngine(_Engine):
             dur = timer.step_us(hw, len(entries), ptoks, q)
         if self.rec is not None:
             self.record([self.t], [dur], [len(entries) + q], [ptoks], [q])
+        self.t_sched = self.t  # the next step was scheduled when this one started
         t = self.t = self.t + dur
         self.n_steps += 1
         self.D = D = D + 1
@@ -1134,6 +1151,7 @@ class _FastEngine(_Engine):
             starts = (t0 + np.cumsum([0] + durs[:-1])).tolist()
             self.record(starts, durs, [q] * k, [0] * k, [q] * k)
         self.n_steps += k
+        self.t_sched = self.t - last  # the start of the run's last step
         self.free -= need0 if k == 1 else self.new_blocks(k)
         self.D = D = D + k
         if self.fin_heap[0][0] < D:

@@ -247,7 +247,8 @@ def _given_prefix_run(trace: Trace, info: RunInfo, *, prefix: str = "auto", **op
 
 
 def load_run(folder: str | os.PathLike, *, output_rule: str = DEFAULT_OUTPUT_RULE, prefix: str = "auto",
-             cached_prefill_pi: str = "cached", max_steps: int | None = None) -> LoadedRun:
+             cached_prefill_pi: str = "cached", max_steps: int | None = None, async_scheduling: bool = True
+             ) -> LoadedRun:
     """Load one run folder and bind it to its engine options.
 
     ``folder`` is a run in calib's format (:func:`calib.data.runs.read_run`: ``run.yaml`` +
@@ -259,10 +260,12 @@ def load_run(folder: str | os.PathLike, *, output_rule: str = DEFAULT_OUTPUT_RUL
     info = None
     if is_run_folder(folder):
         trace, info = read_run(folder, output_rule=output_rule)
-        run = _given_prefix_run(trace, info, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps)
+        run = _given_prefix_run(trace, info, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps,
+                                async_scheduling=async_scheduling)
     else:
         trace = load_trace(folder, output_rule=output_rule)
-        run = BatchedRun(trace, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps)
+        run = BatchedRun(trace, prefix=prefix, cached_prefill_pi=cached_prefill_pi, max_steps=max_steps,
+                         async_scheduling=async_scheduling)
     moe = load_model(trace.model).is_moe
     return LoadedRun(folder.name, trace, run, run_group(trace, moe), moe, info=info)
 
@@ -535,7 +538,8 @@ def run_report(rep: BatchedReplay) -> dict:
                    "step_cap": inputs.scheduler.max_steps, "rejected_context": int(inputs.context_rejected.sum()),
                    "rejected_kv": int((rep.rejected & ~inputs.context_rejected).sum()),
                    "unfinished": rep.n_unfinished, "max_model_len": inputs.max_model_len,
-                   "prefix": inputs.prefix_source, "cached_prefill_pi": inputs.scheduler.cached_prefill_pi},
+                   "prefix": inputs.prefix_source, "cached_prefill_pi": inputs.scheduler.cached_prefill_pi,
+                   "async_scheduling": inputs.scheduler.async_scheduling},
         "steps": step_summary(rep.steps),
         "saturated_stages": [s["stage"] for s in st_out if s["saturation"]["saturated"]],
         "runaway_stages": [s["stage"] for s in st_out if s["saturation"]["runaway"]],

@@ -91,7 +91,7 @@ class LoadedData(Strict):
     ``data_dir``: the folder of runs; relative to the current folder; default
     ``$CALIB_DATA/batched`` when ``CALIB_DATA`` is set, else the shipped dataset.  ``runs``: run folder names
     (default all).
-    ``output_rule``, ``prefix``, ``cached_prefill_pi``, ``max_steps``: see
+    ``output_rule``, ``prefix``, ``cached_prefill_pi``, ``async_scheduling``, ``max_steps``: see
     :mod:`calib.data.traces` and :mod:`calib.replay.batched`.  ``hardware``:
     the hardware of every replay.  ``scatter_points``: per-request samples
     kept per run for the scatter plots.
@@ -102,6 +102,7 @@ class LoadedData(Strict):
     output_rule: Literal["profile", "recorded", "exclude"] = "profile"
     prefix: Literal["auto", "groups", "repeats", "profile", "none"] = "auto"
     cached_prefill_pi: Literal["cached", "zero"] = "cached"
+    async_scheduling: bool = True
     max_steps: int | None = Field(default=None, ge=1)
     hardware: str = "h100"
     scatter_points: int = Field(default=200, ge=10, le=5000)
@@ -114,7 +115,8 @@ def load_runs(spec: LoadedData, source: str = "") -> list[LoadedRun]:
     """The runs of ``spec`` (:func:`calib.replay.loaded.load_runs`); a bad folder or run name is a StudyError."""
     try:
         return _load_runs(spec.data_dir, spec.runs, output_rule=spec.output_rule, prefix=spec.prefix,
-                          cached_prefill_pi=spec.cached_prefill_pi, max_steps=spec.max_steps)
+                          cached_prefill_pi=spec.cached_prefill_pi, max_steps=spec.max_steps,
+                          async_scheduling=spec.async_scheduling)
     except CalibError as exc:
         if exc.file is None and exc.field in ("data_dir", "runs"):
             raise StudyError(exc.message, file=source or None, field=exc.field) from None
@@ -148,6 +150,7 @@ def settings_block(spec: LoadedData, ctx: RunContext, runs: Sequence[LoadedRun])
         "output_rule": spec.output_rule,
         "prefix": spec.prefix,
         "cached_prefill_pi": spec.cached_prefill_pi,
+        "async_scheduling": spec.async_scheduling,
         "max_steps": spec.max_steps if spec.max_steps is not None else "default (2 x (output tokens + chunks) + 1000)",
         "hardware": spec.hardware,
         "phantom_last_step": False,
@@ -478,7 +481,7 @@ class CandidateStudy(LoadedData):
         options."""
         return self.regressor_class(**c.physics, overhead_model=c.overhead_model, hardware=self.hardware,
                                     prefix=self.prefix, cached_prefill_pi=self.cached_prefill_pi,
-                                    max_steps=self.max_steps)
+                                    max_steps=self.max_steps, async_scheduling=self.async_scheduling)
 
     def space(self, c: Candidate) -> dict:
         return loaded_space(c.space, self.regressor(c).settings(), f"candidates.{c.label}.space")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calib.errors import ConfigError
-from calib.physics import PhysicsOptions, StepBatch, StepModel, hardware_time, step_time_us
+from calib.physics import PhysicsOptions, StepBatch, StepModel, hardware_time
 from calib.physics.roofline import dynamic_bytes, prefill_bucket, round_half_away
 
 

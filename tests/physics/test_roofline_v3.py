@@ -13,7 +13,7 @@ from calib.errors import ConfigError
 from calib.physics import PhysicsOptions, StepBatch, StepModel
 from calib.physics.roofline_v3 import (effective_experts, flops_v3, hardware_time_v3, moe_layer_counts,
                                        weight_bytes_v3)
-from calib.specs import load_hardware, load_model
+from calib.specs import load_model
 from calib.specs.hardware import HardwareSpec
 from calib.specs.model import ModelSpec
 

@@ -141,6 +141,18 @@ def test_a_prefix_held_by_a_running_request_is_never_evicted(engine):
 
 
 @BOTH
+@pytest.mark.parametrize("ahead, b_step, b_ttft", [(False, 2, 3100), (True, 3, 3200)])
+def test_async_scheduling_joins_the_step_after_next(fast, ahead, b_step, b_ttft):
+    """B arrives while A's prefill step (0-2000 µs) runs.  Scheduling ahead, the step after it was
+    scheduled when it started (A's decode alone, 100 µs): B's prefill is the third step.  A reaches an
+    idle engine and is scheduled at once either way."""
+    cfg = SchedulerConfig(record_steps=True, async_scheduling=ahead)
+    res, timer = replay([0, 500], [100, 50], [10, 2], cfg, fast=fast)
+    assert res.ttft_us.tolist() == [2000, b_ttft]
+    assert [i for i, st in enumerate(steps_of(res), 1) if st[3] == 50] == [b_step]
+
+
+@BOTH
 def test_chunked_prefill_at_2048_tokens(fast):
     res, timer = replay([0], [5000], [2], fast=fast)
     assert [c[0] for c in timer.calls[:3]] == [[(0, 2048)], [(2048, 2048)], [(4096, 904)]]

@@ -66,6 +66,7 @@ workloads = st.fixed_dictionaries({
     "max_running": st.sampled_from([2, 256]),
     "kv_blocks": st.sampled_from([40, 120, 1_000_000]),
     "record": st.booleans(),
+    "ahead": st.booleans(),
     "prefix": st.sampled_from([0, 150, "repeat"]),
     "overhead": st.sampled_from(["per_layer", "batch_linear", "split", "none"]),
 })
@@ -79,7 +80,7 @@ def make_case(w):
     inp = rng.integers(1, 1500, 3)[np.arange(n) % 3] if repeat else rng.integers(1, 1500, n) + w["prefix"]
     out = rng.integers(1, 60, n)
     cfg = SchedulerConfig(max_scheduled_tokens=w["budget"], max_running=w["max_running"], kv_blocks=w["kv_blocks"],
-                          record_steps=w["record"])
+                          record_steps=w["record"], async_scheduling=w["ahead"])
     overhead = {"per_layer": PerLayer(80.0), "batch_linear": BatchLinear(50.0, 3.0),
                 "split": PrefillDecodeSplit(200.0, 40.0), "none": None}[w["overhead"]]
     if repeat:
@@ -123,7 +124,7 @@ def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
         inp = rng.integers(50, 3000, n)
         out = rng.integers(1, 300, n)
         cfg = SchedulerConfig(max_running=int(rng.choice([16, 128])), kv_blocks=int(rng.choice([600, 10_000])),
-                              record_steps=True)
+                              record_steps=True, async_scheduling=bool(rng.integers(2)))
         a, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg)
         b, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg, fast=False)
         assert same(a, b)
@@ -142,7 +143,7 @@ def test_repeated_prompts_with_eviction(name, kv_blocks):
     inp = prompts[np.arange(n) % 20]
     out = rng.integers(20, 200, n)
     kw = dict(prefix_tokens=inp, prefix_group=np.arange(n) % 20)
-    cfg = SchedulerConfig(kv_blocks=kv_blocks, record_steps=True, cached_prefill_pi="cached")
+    cfg = SchedulerConfig(kv_blocks=kv_blocks, record_steps=True, cached_prefill_pi="cached", async_scheduling=True)
     fast, ref = replay_both(sm, PerLayer(70.0), arr, inp, out, cfg, **kw)
     assert same(fast, ref)
     unbounded, _ = replay_both(sm, PerLayer(70.0), arr, inp, out, replace(cfg, kv_blocks=1_000_000), **kw)

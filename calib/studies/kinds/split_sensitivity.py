@@ -15,10 +15,9 @@ operations on that matrix.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from calib.data import load_experiments
@@ -29,7 +28,6 @@ from calib.studies.apematrix import (GridApe, SplitterSpec, build_folds, fold_me
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
 from calib.studies.common import GridStudyMixin, SplitSpec, distribution, resolve_split
-from calib.studies.spec import StudyBase
 
 KIND = "split_sensitivity"
 
