@@ -25,7 +25,7 @@ __all__ = ["register", "DEFAULT_CALIBRATION", "load_calibration", "resolve_runs"
            "calibration_entry", "run_prediction"]
 
 #: The calibration ``predict`` and ``capacity`` use without ``--calibration`` (package data).
-DEFAULT_CALIBRATION = ("calibrations", "loaded-default.yaml")
+DEFAULT_CALIBRATION = ("calibrations", "h100-vllm.yaml")
 #: Metrics and statistics of the output, in order.
 METRICS = ("ttft", "tpot", "e2e")
 STATS = ("mean", "p50", "p90", "p99")
@@ -151,9 +151,8 @@ def register(subparsers) -> None:
     p.add_argument("runs", metavar="RUN", nargs="+",
                    help="run folder, folder of runs, or run name (e.g. llama-2-7b-tp1-codegen)")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration file (default: the shipped configs/calibrations/loaded-default.yaml, the "
-                        "physics study's recommended calibration; v2.4 physics, so a mixture-of-experts run needs a "
-                        "v3 calibration such as configs/calibrations/loaded-v3-moe.yaml)")
+                   help="calibration file (default: the shipped configs/calibrations/h100-vllm.yaml, the joint "
+                        "study's v4 calibration for synchronous and loaded serving, mixture-of-experts included)")
     p.add_argument("--data-dir", help="folder of runs the names are looked up in first (default: $CALIB_DATA; "
                                       "then the shipped dataset)")
     p.add_argument("--window", type=float, metavar="S",

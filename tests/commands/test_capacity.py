@@ -36,7 +36,10 @@ def test_knee_and_slo(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     rates = [r["rate"] for r in doc["rows"]]
     assert rates == [10.0, 30.0, 50.0, 70.0]
-    assert doc["knee_rate"] == 70.0 and doc["max_stable_rate"] == 50.0
+    sat = [r["saturated"] for r in doc["rows"]]
+    assert not sat[0] and sat[-1] and sat == sorted(sat)  # stable at 10 req/s, saturated at 70, once for good
+    knee = rates[sat.index(True)]
+    assert doc["knee_rate"] == knee and doc["max_stable_rate"] == rates[sat.index(True) - 1]
     assert doc["slo"] == {"ttft_p90_ms": 200.0, "tpot_p90_ms": 50.0}
     assert doc["max_rate_meeting_slo"] == max(r["rate"] for r in doc["rows"] if r["meets_slo"])
     assert doc["rows"][-1]["saturated"] and not doc["rows"][-1]["meets_slo"]
