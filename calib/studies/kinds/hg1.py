@@ -24,9 +24,11 @@ from calib.specs import load_model
 from calib.studies.common import GridStudyMixin, SplitSpec, resolve_split
 from calib.studies.context import RunContext
 from calib.studies.criteria import evaluate_criteria
-from calib.studies.schemas.hg1 import Results  # noqa: F401  (the runner checks results against kind.Results)
+from calib.studies.schemas.hg1 import Results
 from calib.studies.spec import Strict
 from calib.studies.evaluate import evaluate
+
+__all__ = ["KIND", "schema", "run", "Results"]  # Results: the schema the runner checks results against
 
 KIND = "hg1"
 
