@@ -388,8 +388,8 @@ def run_engine(timer: StepTimer, arrival_us, input_tokens, output_tokens, cfg: S
     evicts one more of its blocks from the end (a prefix is served up to its
     first missing block).  Requests released in the same step are placed as
     if released together (position from ``released`` before that step's
-    releases), which keeps the order in which a step releases them
-    irrelevant.  A cache hit allocates the hit blocks like new ones (vLLM
+    releases; of several holders of one prefix, the furthest position), which
+    keeps the order in which a step releases them irrelevant.  A cache hit allocates the hit blocks like new ones (vLLM
     takes them out of the free queue).
     """
     eng = (_FastEngine if fast else _Engine)(timer, arrival_us, input_tokens, output_tokens, cfg, prefix_tokens,
@@ -495,7 +495,9 @@ class _Engine:
             g = self.grp[r]
             self.holders[g] -= 1
             base = self.released if released is None else released
-            self.qpos[g] = base + self.cfg.kv_blocks + blocks - self.pre[r] // self.bs
+            pos = base + self.cfg.kv_blocks + blocks - self.pre[r] // self.bs
+            # the latest release's position is the largest one; max() also keeps same-step releases order-free
+            self.qpos[g] = max(self.qpos.get(g, pos), pos)
         self.free += blocks
         self.released += blocks
 
