@@ -195,7 +195,6 @@ def test_row_keys_read_by_column_are_the_row_keys():
         [_row_key(row, "numpy", 1) for _, row in X.drop(columns=["source"]).iterrows()]
 
 
-
 def test_calib_called_from_python_freezes_nothing():
     code = ("import gc; from calib.cli import main; "
             "assert main(['step', '--model', 'llama-2-7b-hf', '--decode', '10', '--json']) == 0; "
