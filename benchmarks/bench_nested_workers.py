@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_workers import parallel_capacity  # the same machine-capacity probe as the 200-trial benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ["20260217-162547-llama-2-7b-tp1-roleplay", "20260218-084319-llama-2-70b-tp4-roleplay",
         "20260218-155500-codellama-34b-tp2-roleplay",
@@ -84,25 +86,6 @@ def comparable(out: Path) -> dict:
     return r
 
 
-def _burn(n: int = 2_000_000) -> float:
-    t0, x = time.perf_counter(), 0
-    for i in range(n):
-        x += i * i
-    return time.perf_counter() - t0
-
-
-def parallel_capacity(workers: int = 2) -> float:
-    """Throughput of ``workers`` CPU-bound processes relative to one, now (2.0 on an idle 2-core machine)."""
-    import multiprocessing as mp
-
-    one = _burn()
-    with mp.get_context("fork").Pool(workers) as pool:
-        t0 = time.perf_counter()
-        pool.map(_burn, [2_000_000] * workers)
-        many = time.perf_counter() - t0
-    return workers * one / many
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=4, help="TPE trials per seed and fit (default 4)")
@@ -110,7 +93,7 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=10.0, help="search window, seconds of each stage (default 10)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    capacity = parallel_capacity()
+    capacity = parallel_capacity(2)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         study = small_study(Path(tmp), args.trials, args.seeds, args.window)

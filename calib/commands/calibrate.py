@@ -35,17 +35,26 @@ import math
 import time
 from pathlib import Path
 
-__all__ = ["register", "SPACE", "OBJECTIVE", "BASE"]
+__all__ = ["register", "joint_candidate"]
 
-#: The fixed settings of the fit (the joint study's candidate).
-BASE = {"variant": "v4", "overhead_model": "per_sequence"}
-#: Searched parameters and their ranges (those of ``studies/joint.yaml``'s candidate; a test keeps them equal).
-SPACE = {"gemm_mfu": (0.4, 0.9), "bw_efficiency": (0.7, 1.0), "kernel_floor_us": (0.0, 10.0),
-         "prefill_attention_mfu": (0.2, 0.9), "decode_attention_efficiency": (0.3, 1.0), "allreduce_us": (0.0, 40.0),
-         "step_us_const": (0.0, 3000.0), "per_seq_us": (0.0, 100.0), "request_latency_ms": (0.0, 40.0),
-         "input_token_latency_us": (0.0, 20.0)}
-#: The loss (the joint study's).
-OBJECTIVE = {"weights": {"tpot": 1.0, "e2e": 1.0, "ttft": 1.0}, "cap": 2.0}
+#: The shipped study whose single candidate ``calib calibrate`` fits.
+FIT_STUDY = "joint"
+
+
+def joint_candidate() -> tuple[dict, dict, dict]:
+    """``(fixed, space, objective)`` of the shipped joint study's candidate: what ``calib calibrate`` fits.
+
+    ``fixed`` holds the candidate's physics and overhead model (``LoadedRegressor`` parameters),
+    ``space`` the searched :class:`~calib.calibrate.Range` by settings name (built by the study's own
+    :meth:`~calib.studies.loaded_data.CandidateStudy.space`), ``objective`` the loss weights and cap.
+    """
+    from calib.resources import study_file
+    from calib.studies.spec import load_study_file
+
+    spec = load_study_file(study_file(FIT_STUDY))
+    (cand,) = spec.candidates
+    return ({**cand.physics, "overhead_model": cand.overhead_model}, spec.space(cand),
+            spec.objective.model_dump())
 
 
 def register(subparsers) -> None:
@@ -92,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from sklearn.model_selection import LeaveOneGroupOut, cross_validate
 
-    from calib.calibrate import TPE, Calibrator, Range
+    from calib.calibrate import TPE, Calibrator
     from calib.commands.predict import resolve_runs, run_prediction
     from calib.data.runs import OutputFolder
     from calib.errors import CalibError
@@ -110,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     out.check(["calibration.yaml", "report.json", "optuna.db"])
     db = out.claim("optuna.db").resolve()
     storage = f"sqlite:///{db}"
-    base = LoadedRegressor(**BASE, hardware=args.hardware)
-    space = {k: Range(lo, hi) for k, (lo, hi) in SPACE.items()}
-    cal = Calibrator(base, space=space, objective=OBJECTIVE, search=TPE(n_trials=args.trials, seeds=args.seeds),
+    fixed, space, objective = joint_candidate()
+    base = LoadedRegressor(**fixed, hardware=args.hardware)
+    cal = Calibrator(base, space=space, objective=objective, search=TPE(n_trials=args.trials, seeds=args.seeds),
                      storage=storage, study_name="calibrate", progress=args.progress)
 
     models = X["model"].astype(str).map(lambda m: Path(m).parent.name if m.endswith(".json") else m)
@@ -157,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     out.write_text("calibration.yaml", text)
     report = {
         "runs": sorted(by_name), "n_stages": len(X), "skipped_stages": X.attrs.get("skipped", []),
-        "fixed": BASE, "space": {k: list(v) for k, v in SPACE.items()}, "objective": OBJECTIVE,
+        "fixed": fixed, "space": {k: [r.low, r.high] for k, r in space.items()}, "objective": objective,
         "search": {"algorithm": "tpe", "n_trials": args.trials, "seeds": list(range(args.seeds)),
                    "window_s": window, "storage": "optuna.db"},
         "cv": args.cv, "folds": folds, "heldout": heldout,

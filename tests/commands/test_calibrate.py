@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from calib.cli import main
-from calib.commands.calibrate import BASE, OBJECTIVE, SPACE
+from calib.commands.calibrate import joint_candidate
 
 
 def test_calibrate_two_runs_leave_one_run_out(tmp_path, capsys):
@@ -16,7 +16,7 @@ def test_calibrate_two_runs_leave_one_run_out(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert len(report["folds"]) == 2 and report["heldout"]["n_runs"] == 2
     assert {f["runs"][0] for f in report["folds"]} == set(report["runs"])
-    assert {k.split(".")[1] for k in report["final"]["best_params"]} == set(SPACE)
+    assert set(report["final"]["best_params"]) == set(joint_candidate()[1]) == set(report["space"])
     from calib.calibration import Calibration
 
     cal = Calibration.load(out / "calibration.yaml")
@@ -46,6 +46,9 @@ def test_the_fit_is_the_joint_study_candidate():
 
     doc = yaml.safe_load(study_file("joint").read_text())
     (cand,) = doc["candidates"]
-    assert BASE == {"variant": cand["physics"]["variant"], "overhead_model": cand["overhead_model"]}
-    assert SPACE == {k: (float(v["low"]), float(v["high"])) for k, v in cand["space"].items()}
-    assert OBJECTIVE["weights"] == doc["objective"]["weights"] and OBJECTIVE["cap"] == doc["objective"]["cap"]
+    fixed, space, objective = joint_candidate()
+    assert fixed == {**cand["physics"], "overhead_model": cand["overhead_model"]} == {"variant": "v4",
+                                                                                    "overhead_model": "per_sequence"}
+    assert {k.split(".")[1]: (r.low, r.high) for k, r in space.items()} == {
+        k: (v["low"], v["high"]) for k, v in cand["space"].items()}
+    assert objective == {"weights": doc["objective"]["weights"], "cap": doc["objective"]["cap"]}
