@@ -48,8 +48,15 @@ def save(fig, path) -> None:
 
     The figure goes to a temporary file in the same folder, renamed over
     ``path`` when complete: an interrupted save leaves the previous figure, and
-    a symbolic link at ``path`` is replaced, never written through.
+    a symbolic link at ``path`` is replaced, never written through.  Ctrl-C
+    and SIGTERM are held back while the Agg renderer draws: delivered inside
+    its C code they surface as a matplotlib error (``Invalid bounding box``)
+    instead of an interruption; delivered after the drawing, they interrupt the
+    report as anywhere else (:func:`calib.reporting.commit`).
     """
+    from calib.reporting import _signals_held
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    with _signals_held():
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     write_atomic(path, buf.getvalue())
