@@ -155,8 +155,9 @@ class Replay(_Section):
 
     mode: Literal["reference", "corrected"] = _f(
         "reference", "reference: as the HG1 study did (phantom last step, ITL as TPOT); corrected: like with like")
-    lengths: Literal["reference", "numpy", "run"] = _f(
-        "reference", "request lengths: the reference draws, a NumPy sample, or a GuideLLM run's requests")
+    lengths: Literal["reference", "numpy", "quantiles", "run"] = _f(
+        "reference", "request lengths: the reference draws, a NumPy sample, the distributions' quantiles in a "
+                     "seeded order, or a GuideLLM run's requests")
     seed: int = _f(42, "seed of the request-length draws", ge=0, le=2**31 - 1)
     phantom_last_step: bool | None = _f(None, "add the reference simulator's extra decode step (None: the mode's)")
     tpot_definition: Literal[TPOT_DEFINITIONS] | None = _f(

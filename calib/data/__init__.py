@@ -9,7 +9,7 @@ Examples
 
 from calib.data.experiments import COLUMNS, EXPERIMENT_COLUMNS, import_hg1, load_experiments
 from calib.data.guidellm import REQUEST_COLUMNS, GuidellmRun, load_guidellm_run
-from calib.data.lengths import available_seeds, reference_lengths, sample_lengths
+from calib.data.lengths import available_seeds, quantile_lengths, reference_lengths, sample_lengths
 from calib.data.models import HF_TO_CALIB, MODEL_FAMILY, calib_model_name, model_family
 from calib.data.traces import (
     DEFAULT_OUTPUT_RULE,
@@ -51,4 +51,5 @@ __all__ = [
     "model_family",
     "reference_lengths",
     "sample_lengths",
+    "quantile_lengths",
 ]

@@ -1,12 +1,14 @@
 """Per-request token counts of the synchronous workloads.
 
-Two sources:
+Three sources:
 
 * :func:`reference_lengths`: the exact draws of the reference simulator (Go
   ``math/rand`` seeded per run), embedded in
   ``configs/datasets/hg1/request_lengths.json`` for seed 42 and seeds 1-10.
 * :func:`sample_lengths`: a NumPy sampler of the same distribution (for other
   seeds or workloads).
+* :func:`quantile_lengths`: the distribution's quantiles in a seeded order (no
+  sampling noise in the mean).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from calib.data._io import as_int, mapping, read_json, sequence
 from calib.data.workloads import EMBEDDED_HG1, Workload
 from calib.errors import DataError
 
-__all__ = ["reference_lengths", "sample_lengths", "parse_lengths", "available_seeds", "dataset_lengths_file",
-           "LENGTHS_FILES", "file_stamp"]
+__all__ = ["reference_lengths", "sample_lengths", "quantile_lengths", "parse_lengths", "available_seeds",
+           "dataset_lengths_file", "LENGTHS_FILES", "file_stamp"]
 
 #: File names of a dataset folder's reference draws: calib's own, then the HG1 study's original.
 LENGTHS_FILES = ("request_lengths.json", "reference_request_lengths.json")
@@ -254,11 +256,63 @@ def sample_lengths(workload: Workload, n: int | None = None, seed: int = 42) -> 
     >>> a.shape, bool((a[:, 1] >= 6).all())
     ((4, 2), True)
     """
+    z = np.random.default_rng(seed).standard_normal((_count(workload, n), 2))
+    return _from_normal(workload, z)
+
+
+def quantile_lengths(workload: Workload, n: int | None = None, seed: int = 42) -> np.ndarray:
+    """Request lengths without sampling noise: the ``n`` quantiles of each distribution, in a seeded order.
+
+    Request ``i`` gets, for its prompt and its output separately, the
+    quantile ``(k + 0.5) / n`` of the standard normal, where ``k`` is the rank
+    of its :func:`sample_lengths` draw among the ``n`` draws of that seed; the
+    quantile is then scaled, clipped and rounded exactly as a draw is.  So the
+    lengths have the order (which requests are long) of a NumPy sample and
+    the spread of the distribution, while their mean is the distribution's
+    mean up to the discretisation, whatever the seed.  A benchmark's 50 drawn
+    requests stray from that mean by about ``stdev / sqrt(50)``: 15 % of the
+    mean output length for ``codesweep`` (``docs/choices.md``).
+
+    Parameters
+    ----------
+    workload : Workload
+    n : int, optional
+        Number of requests; default ``workload.n_requests``.
+    seed : int, default 42
+        Seed of the order.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``int64`` array ``(n, 2)``: prompt tokens (prefix excluded), output tokens.
+
+    Examples
+    --------
+    >>> from calib.data.workloads import load_workloads
+    >>> a = quantile_lengths(load_workloads()["chatsweep"], seed=1)
+    >>> a.shape, sorted(a[:, 1].tolist()) == sorted(quantile_lengths(load_workloads()["chatsweep"], seed=2)[:, 1])
+    ((50, 2), True)
+    """
+    from statistics import NormalDist
+
+    count = _count(workload, n)
+    z = np.random.default_rng(seed).standard_normal((count, 2))
+    inv = NormalDist().inv_cdf
+    quantiles = np.array([inv((k + 0.5) / count) for k in range(count)])
+    ranks = np.argsort(np.argsort(z, axis=0, kind="stable"), axis=0, kind="stable")
+    return _from_normal(workload, quantiles[ranks])
+
+
+def _count(workload: Workload, n: int | None) -> int:
     count = workload.n_requests if n is None else n
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise DataError(f"must be an integer >= 0, got {count!r}", field="n")
-    z = np.random.default_rng(seed).standard_normal((int(count), 2))
-    out = np.empty((int(count), 2), dtype=np.int64)
+    return int(count)
+
+
+def _from_normal(workload: Workload, z: np.ndarray) -> np.ndarray:
+    """``round_half_away(clip(mean + stdev * z, min, max))`` per column of standard-normal values ``z`` ``(n, 2)``."""
+    out = np.empty(z.shape, dtype=np.int64)
     for col, part in enumerate(("prompt", "output")):
         lo, hi = getattr(workload, f"{part}_min"), getattr(workload, f"{part}_max")
         if lo == hi:

@@ -232,7 +232,7 @@ def _row_keys(X: pd.DataFrame, lengths: str, seed: int) -> list[tuple]:
 
 
 def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
-    from calib.data import load_workloads, reference_lengths, sample_lengths
+    from calib.data import load_workloads, quantile_lengths, reference_lengths, sample_lengths
 
     n = int(row["n_requests"])
     prefix = int(row["prefix_tokens"])
@@ -244,12 +244,12 @@ def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
                             f"experiment has {n} requests", file=file or "configs/datasets/hg1/request_lengths.json",
                             field="lengths")
         arr = arr[:n]
-    elif lengths == "numpy":
+    elif lengths in ("numpy", "quantiles"):
         workloads = load_workloads()
         wl = workloads.get(str(row["workload"]))
         if wl is None:
             raise DataError(f"unknown workload {row['workload']!r}", field="workload")
-        arr = sample_lengths(wl, n, int(seed))
+        arr = (sample_lengths if lengths == "numpy" else quantile_lengths)(wl, n, int(seed))
     else:
         from calib.data import load_guidellm_run
 

@@ -75,13 +75,20 @@ def _targets(r: dict) -> list[str]:
                       for k, v in r["targets"].items()]), ""]
 
 
+#: how the synchronous experiments' request lengths were made, by the study's ``lengths``
+_LENGTHS = {"reference": "the reference simulator's draws (seed 42)",
+            "numpy": "a NumPy sample of the workload distributions",
+            "quantiles": "the workload distributions' quantiles in a seeded order (calib.data.lengths.quantile_lengths)"}
+
+
 def _method(r: dict) -> list[str]:
     d, s = r["dataset"], r["settings"]
     ld, sd = d["loaded"], d["sync"]
     w = r["objective"]["weights"]
     return ["## How the numbers are made", "",
             f"- Rows: {len(sd['experiments'])} synchronous experiments ({sd['source']}; replayed in "
-            f"**{sd['mode']}** mode: no phantom step, TPOT {sd['tpot_definition']}) and the load stages of "
+            f"**{sd['mode']}** mode: no phantom step, TPOT {sd['tpot_definition']}; request lengths "
+            f"{_LENGTHS.get(sd.get('lengths', 'reference'), sd.get('lengths'))}) and the load stages of "
             f"{len(ld['dense_runs'])} dense loaded runs (TPOT per request on both sides). Models and their rows: "
             + "; ".join(f"{m}: {len(v['experiments'])} experiments, {len(v['loaded_runs'])} runs"
                         for m, v in d["models"].items()) + ".",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from calib.data import Workload, available_seeds, load_workloads, reference_lengths, sample_lengths
+from calib.data import Workload, available_seeds, load_workloads, quantile_lengths, reference_lengths, sample_lengths
 from calib.errors import DataError
 
 
@@ -76,3 +76,26 @@ def test_sample_lengths_distribution():
     assert abs(a[:, 0].mean() - 70) < 1.5 and abs(a[:, 1].mean() - 215) < 3
     assert a[:, 1].min() >= 1 and a[:, 1].max() <= 512
     assert abs(ref[:, 1].mean() - 215) < 40  # the reference draws come from the same law
+
+
+def test_quantile_lengths_are_the_quantiles_in_the_sample_order():
+    from statistics import NormalDist
+
+    wl = load_workloads()["codesweep"]
+    q, s = quantile_lengths(wl, seed=7), sample_lengths(wl, seed=7)
+    assert q.shape == s.shape == (50, 2) and q.dtype == np.int64
+    # the same requests are long and short as in the NumPy sample of that seed (ties aside)
+    for col in (0, 1):
+        shorter = s[:, None, col] < s[None, :, col]
+        assert (q[:, None, col] <= q[None, :, col])[shorter].all()
+    # the values are the clipped, rounded normal quantiles (k + 0.5) / n, whatever the seed
+    z = np.array([NormalDist().inv_cdf((k + 0.5) / 50) for k in range(50)])
+    want = np.sign(x := np.clip(28 + 60 * z, 6, 200)) * np.floor(np.abs(x) + 0.5)
+    assert sorted(q[:, 1]) == sorted(want.astype(int)) == sorted(quantile_lengths(wl, seed=8)[:, 1])
+    # no sampling noise: the mean is the clipped normal's (42.4 output tokens), where a 50-request draw strays
+    assert abs(q[:, 1].mean() - 42.4) < 0.5
+    assert (q[:, 1] >= 6).all() and (q[:, 1] <= 200).all()
+    assert (quantile_lengths(_wl(), n=4)[:, 1] == 5).all()  # min == max -> min
+    assert quantile_lengths(_wl(), n=0).shape == (0, 2)
+    with pytest.raises(DataError):
+        quantile_lengths(_wl(), n=-1)

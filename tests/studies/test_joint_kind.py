@@ -228,3 +228,24 @@ def test_report_is_deterministic(tiny):
     write_report(json.loads((tmp / "out" / "results.json").read_text()), again)
     for name in ("REPORT.md", "step_time.png", "ttft.png", "tpot_inflight.png", "heldout.png"):
         assert (again / name).read_bytes() == (tmp / "out" / name).read_bytes()
+
+
+def test_study_lengths_reach_the_synchronous_replays(tmp_path):
+    """``lengths`` of a joint study file sets how its synchronous experiments' requests are made, nothing else."""
+    from calib.data import load_experiments
+
+    X = load_experiments().loc[["20260210-codellama-34b-tp2-codesweep"]]
+    default = load_study_file(write(tmp_path, study()))
+    quant = load_study_file(write(tmp_path, study(lengths="quantiles")))
+    assert default.lengths == "reference" and quant.lengths == "quantiles"
+    for spec in (default, quant):
+        est = spec.regressor(spec.candidates[0])
+        assert est.get_params()["lengths"] == spec.lengths
+        sync = est.parts()["sync"]
+        assert sync.settings().replay.lengths == spec.lengths
+        e2e = sync.fit(X, X.e2e_mean_ms).predict_all(X)["e2e"].iloc[0]
+        if spec is default:
+            ref_e2e = e2e
+    assert e2e < ref_e2e  # seed 42's draws have 51.8 output tokens on average, the distribution 42.4
+    with pytest.raises(StudyError, match="lengths"):
+        load_study_file(write(tmp_path, study(lengths="run")))

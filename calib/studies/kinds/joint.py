@@ -67,6 +67,12 @@ class JointSchema(StudyBase, CandidateStudy):
     run_target: float = Field(default=0.10, gt=0)
     evidence: Evidence = Evidence()
     ship_to: str | None = None
+    lengths: Literal["reference", "numpy", "quantiles"] = "reference"
+
+    def regressor(self, c):
+        """The candidate's :class:`~calib.estimators.joint.JointRegressor`, its synchronous experiments replayed
+        with this study's request ``lengths`` (:mod:`calib.data.lengths`)."""
+        return super().regressor(c).set_params(lengths=self.lengths)
 
 
 schema = JointSchema
@@ -221,7 +227,7 @@ def run(spec: JointSchema, ctx: RunContext) -> dict:
                     "sync": {"source": spec.dataset or "embedded hg1 (configs/datasets/hg1)",
                              "experiments": [str(i) for i in sync.index], "mode": "corrected",
                              "tpot_definition": "guidellm: sum E2E / sum O (GuideLLM's measured TPOT)",
-                             "phantom_last_step": False},
+                             "phantom_last_step": False, "lengths": spec.lengths},
                     "models": {m: {"experiments": [str(i) for i in sync.index[sync["model"] == m]],
                                    "loaded_runs": sorted(set(stages.loc[stages["model"] == m, "run"]))}
                                for m in models},
