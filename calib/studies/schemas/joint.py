@@ -72,6 +72,7 @@ class SyncDataset(Typed):
     mode: str
     tpot_definition: str
     phantom_last_step: bool
+    lengths: str = "reference"  # results written before the setting existed replayed the reference draws
 
 
 class JointDataset(Typed):
