@@ -367,13 +367,15 @@ SEARCHABLE_REPLAY = ("replay.request_latency_ms", "replay.input_token_latency_us
 
 class LoadedSearch(Strict):
     """The search of every candidate: algorithm, trials per seed and fit (default
-    :func:`calib.calibrate.search.budget` of the candidate's parameters), seeds, convergence tolerance, sampler
-    options, and ``window_s``: the searches replay the first ``window_s`` s of every load stage (``None``: full
-    traces); held-out scores always replay full traces."""
+    :func:`calib.calibrate.search.budget` of the candidate's parameters), seeds, ``refine`` (CMA-ES trials
+    polishing the best point in a box of ±10 % of each range around it; 0: none), convergence tolerance,
+    sampler options, and ``window_s``: the searches replay the first ``window_s`` s of every load stage
+    (``None``: full traces); held-out scores always replay full traces."""
 
     algorithm: Literal["tpe", "cmaes"] = "tpe"
     n_trials: int | None = Field(default=None, ge=1, le=100_000)
     seeds: int | list[int] = 5
+    refine: int = Field(default=0, ge=0, le=100_000)
     tolerance: float = Field(default=0.005, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)
     window_s: float | None = Field(default=120.0, gt=0)
@@ -383,7 +385,7 @@ class LoadedSearch(Strict):
         from calib.calibrate import parse_search
 
         return parse_search({"algorithm": self.algorithm, "n_trials": n_trials or self.n_trials, "seeds": self.seeds,
-                             "tolerance": self.tolerance, "options": self.options})
+                             "refine": self.refine, "tolerance": self.tolerance, "options": self.options})
 
     @model_validator(mode="after")
     def _valid(self) -> "LoadedSearch":

@@ -249,3 +249,19 @@ def test_study_lengths_reach_the_synchronous_replays(tmp_path):
     assert e2e < ref_e2e  # seed 42's draws have 51.8 output tokens on average, the distribution 42.4
     with pytest.raises(StudyError, match="lengths"):
         load_study_file(write(tmp_path, study(lengths="run")))
+
+
+def test_search_refine_reaches_every_fit(tmp_path):
+    """``search.refine`` of a loaded-study file is the CMA-ES polish of every fit, one per nested seed."""
+    from calib.calibrate.nested import with_seed
+
+    spec = load_study_file(write(tmp_path, study(search={"n_trials": 4, "seeds": 3, "refine": 7})))
+    search = spec.search.make()
+    assert search.refine == 7 and search.describe()["refine"] == 7
+    assert load_study_file(write(tmp_path, study())).search.make().refine == 0
+    from calib.calibrate import Calibrator
+
+    one = with_seed(Calibrator(spec.regressor(spec.candidates[0]), spec.space(spec.candidates[0]), search=search), 2)
+    assert one.search.seeds == [2] and one.search.refine == 7
+    with pytest.raises(StudyError, match="refine"):
+        load_study_file(write(tmp_path, study(search={"refine": -1})))
