@@ -1,6 +1,6 @@
 """Generalization-study benchmark (a script, not a test).
 
-    python benchmarks/bench_generalization.py [--quick] [--mode reference|corrected] [--skip-tpe]
+    python benchmarks/bench_generalization.py [--quick] [--mode reference|corrected] [--skip-tpe] [--baseline SRC]
 
 1. ``studies/split-sensitivity.yaml``: the HG1 search on all 715 splits, from a
    cold start (empty replay cache, fresh storage), then again on the filled
@@ -13,9 +13,13 @@
    cross-validation (outer leave-one-family-out, SelectBest inside, one TPE
    search per fold, seed and candidate), from a cold start.  Prints the total,
    the Optuna studies and trials, and the cost per trial split into the
-   replay (``predict_all``) and the rest (sampler + storage).  Target: both
-   modes well under 15 min.  ``--quick`` runs a cut-down copy (two models, 10
-   trials per seed).
+   replay (``predict_all``) and the rest (sampler + storage).  Target (issue
+   15): both modes together <= 60 s CPU.  ``--quick`` runs a cut-down copy (two
+   models, 10 trials per seed).  ``--baseline SRC`` also runs the same study
+   file with another calib source tree (e.g. ``git archive HEAD | tar -x -C
+   /tmp/base``), then this one, each in a fresh process, and prints their CPU
+   times (user + system), the ratio (what to compare across machines and
+   loads) and whether their results are identical.
 3. Storage cost per TPE trial, trivial objective, SQLite in a temp folder:
    :func:`calib.calibrate.trials.tpe_search` (every ask/tell on the storage)
    against :func:`calib.studies.apematrix.tpe_search` (in-memory study,
@@ -27,6 +31,10 @@ Times are wall-clock and process CPU time (one core: the studies are single-thre
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,14 +125,9 @@ def bench_overhead_models(mode: str, tmp: Path, quick: bool) -> None:
     import optuna
 
     from calib.estimators.roofline import RooflineRegressor
+    from calib.studies.storage import default_storage_url, open_storage
 
-    path = REPO / "studies" / "overhead-models.yaml"
-    if quick:
-        data = yaml.safe_load(path.read_text())
-        data["models"] = [{"overhead": "per_layer", "n_trials": 10}, {"overhead": "per_layer_tp_power"}]
-        data["search"] = {**data.get("search", {}), "n_trials": 10}
-        path = tmp / "overhead-models-quick.yaml"
-        path.write_text(yaml.safe_dump(data))
+    path = overhead_models_file(tmp, quick)
     print(f"\n2. overhead models, nested CV ({path.name}, {mode} mode)")
     stats = {"n": 0, "wall": 0.0}
     real = RooflineRegressor.predict_all
@@ -144,8 +147,7 @@ def bench_overhead_models(mode: str, tmp: Path, quick: bool) -> None:
             r = run_study(path, tmp / "om", mode=mode, progress=False, report=False)
     finally:
         RooflineRegressor.predict_all = real
-    url = f"sqlite:///{tmp / 'om' / 'optuna.db'}"
-    studies = optuna.get_all_study_summaries(url)
+    studies = optuna.get_all_study_summaries(open_storage(default_storage_url(tmp / "om")))
     trials = sum(s.n_trials for s in studies)
     print(f"   total (outer x inner x seeds x candidates): {total}   [target: both modes well under 15 min]")
     print(f"   Optuna studies: {len(studies)}, trials: {trials}; per trial {1e3 * total.wall / max(trials, 1):6.1f} ms "
@@ -156,6 +158,51 @@ def bench_overhead_models(mode: str, tmp: Path, quick: bool) -> None:
     for name, c in sm["candidates"].items():
         print(f"     {name:40s} {fmt(c['heldout']['tpot'])}   (descriptive)")
     print(f"     {'selected (nested SelectBest)':40s} {fmt(sm['selected']['heldout']['tpot'])}")
+
+
+def overhead_models_file(tmp: Path, quick: bool) -> Path:
+    """``studies/overhead-models.yaml``, or with ``quick`` a cut-down copy of it in ``tmp``."""
+    path = REPO / "studies" / "overhead-models.yaml"
+    if quick:
+        data = yaml.safe_load(path.read_text())
+        data["models"] = [{"overhead": "per_layer", "n_trials": 10}, {"overhead": "per_layer_tp_power"}]
+        data["search"] = {**data.get("search", {}), "n_trials": 10}
+        path = tmp / "overhead-models-quick.yaml"
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def study_process(src: Path, path: Path, out: Path) -> float:
+    """CPU seconds (user + system) of ``calib study run`` of ``path`` (every mode) into ``out`` in a fresh process
+    running calib from the source tree ``src``."""
+    cmd = [sys.executable, "-m", "calib", "study", "run", str(path), "--out", str(out), "--no-progress"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, cwd=out.parent, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True,
+                          text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} (PYTHONPATH={src}) failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def study_numbers(out: Path) -> list[str]:
+    """The ``summary``, ``candidates`` and ``nested`` blocks of every ``results.json`` under ``out`` (as JSON)."""
+    return [json.dumps({k: json.loads(f.read_text())[k] for k in ("summary", "candidates", "nested")},
+                       sort_keys=True) for f in sorted(out.rglob("results.json"))]
+
+
+def bench_against_baseline(baseline: Path, tmp: Path, quick: bool) -> None:
+    """The overhead-model study (both modes) with the baseline tree, then with this one: CPU, ratio, identical
+    results."""
+    path = overhead_models_file(tmp, quick)
+    print(f"\n2b. overhead models ({path.name}, both modes), fresh processes: baseline {baseline} against {REPO}")
+    cpu = {}
+    for name, src in (("baseline", baseline.resolve()), ("this", REPO)):
+        cpu[name] = study_process(src, path, tmp / f"om-{name}")
+        print(f"   {name:9s} {cpu[name]:8.1f} s CPU")
+    same = study_numbers(tmp / "om-this") == study_numbers(tmp / "om-baseline")
+    print(f"   ratio this / baseline: {cpu['this'] / cpu['baseline']:.3f}   [target: both modes <= 60 s CPU]   "
+          f"results {'identical' if same else 'DIFFERENT'} (summary, candidates, nested)")
 
 
 def bench_storage(tmp: Path, n: int = 30) -> None:
@@ -190,12 +237,16 @@ def main() -> int:
     ap.add_argument("--mode", choices=("reference", "corrected"), default="corrected")
     ap.add_argument("--quick", action="store_true", help="a cut-down overhead-model study")
     ap.add_argument("--skip-tpe", action="store_true", help="only the split-sensitivity part")
+    ap.add_argument("--baseline", type=Path, help="another calib source tree: the overhead-model study (both "
+                    "modes) timed with it and with this tree, in fresh processes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-generalization-") as d:
         tmp = Path(d)
         bench_split_sensitivity(args.mode, tmp)
         if not args.skip_tpe:
             bench_overhead_models(args.mode, tmp, args.quick)
+            if args.baseline:
+                bench_against_baseline(args.baseline, tmp, args.quick)
         bench_storage(tmp)
     return 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from typing import Any, Mapping
 
 import numpy as np
@@ -54,7 +55,26 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+#: pickled frame -> its digest (a pickle is a faithful copy of the frame: equal pickles, equal digests)
+_DIGESTS: dict[bytes, str] = {}
+_MAX_DIGESTS = 1024
+
+
 def _frame_digest(X: pd.DataFrame) -> str:
+    """A digest of the rows, index and columns of ``X`` (as text), remembered by the frame's pickle (cheaper)."""
+    try:
+        key = pickle.dumps(X, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an unpicklable cell: no memo
+        return _digest_of(X)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        if len(_DIGESTS) >= _MAX_DIGESTS:
+            _DIGESTS.clear()
+        digest = _DIGESTS[key] = _digest_of(X)
+    return digest
+
+
+def _digest_of(X: pd.DataFrame) -> str:
     hashed = pd.util.hash_pandas_object(X.astype(str), index=True).to_numpy()
     return hashlib.sha256(hashed.tobytes() + "|".join(map(str, X.columns)).encode()).hexdigest()[:16]
 
@@ -149,8 +169,9 @@ class Calibrator(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
         measured = self.estimator.measured(X)
         weights = self._row_weights(X)
         est_params = {k: v for k, v in self.estimator.get_params().items()}
+        digest = _frame_digest(X)
         fp = fingerprint(type(self.estimator).__name__, est_params, base.params(), describe_space(space),
-                         search.describe(), objective.describe(), _frame_digest(X))
+                         search.describe(), objective.describe(), digest)
         name = f"{self.study_name}-{fp}"
         estimator = self.estimator
 
@@ -173,7 +194,7 @@ class Calibrator(MetaEstimatorMixin, RegressorMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.calibration_ = Calibration(
             settings=self.best_settings_, estimator=type(estimator).__name__,
-            data={"rows": [str(i) for i in X.index], "fingerprint": _frame_digest(X)},
+            data={"rows": [str(i) for i in X.index], "fingerprint": digest},
             objective=objective.describe(), search=search.describe(), space=describe_space(space),
             train_loss=self.best_loss_,
             seeds=[{k: s[k] for k in ("seed", "best_loss", "best_params")} for s in result.seeds],

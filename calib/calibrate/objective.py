@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 
 from calib.errors import ConfigError
 from calib.metrics import ape
@@ -100,13 +101,26 @@ class Objective:
         w = None if row_weights is None else np.asarray(row_weights, dtype=float)
         attrs: dict[str, float] = {}
         weights = dict(self.weights)
-        for metric in METRICS:  # every metric both frames hold is recorded; the weighted ones make the loss
-            if metric not in weights and (metric not in predicted or metric not in measured):
-                continue
-            errors = ape(np.asarray(predicted[metric], dtype=float), np.asarray(measured[metric], dtype=float))
+        # every metric both frames hold is recorded; the weighted ones make the loss
+        metrics = [m for m in METRICS if m in weights or (m in predicted and m in measured)]
+        pred, meas = _columns(predicted, metrics), _columns(measured, metrics)
+        for metric in metrics:
+            errors = ape(pred[metric], meas[metric])
             if self.cap is not None:
                 errors = np.minimum(errors, self.cap)
             attrs[f"train_{metric}_mape"] = float(np.average(errors, weights=w)) if len(errors) else math.nan
         total = sum(wt * attrs[f"train_{m}_mape"] for m, wt in self.weights)
         loss = total / sum(wt for _, wt in self.weights)
         return (loss if math.isfinite(loss) else math.inf), attrs
+
+
+def _columns(frame, names: list[str]) -> dict[str, np.ndarray]:
+    """Columns ``names`` of ``frame`` as float arrays (a numeric DataFrame converted once, not per column)."""
+    if isinstance(frame, pd.DataFrame) and frame.columns.is_unique and all(n in frame.columns for n in names):
+        try:
+            values = frame.to_numpy(dtype=float)
+        except (TypeError, ValueError):  # a column that is not numeric: column by column
+            pass
+        else:
+            return {n: values[:, frame.columns.get_loc(n)] for n in names}
+    return {n: np.asarray(frame[n], dtype=float) for n in names}

@@ -196,12 +196,6 @@ def _heartbeat_interval(storage) -> int | None:
     return getter() if callable(getter) else None
 
 
-def _trial_id(storage, study: optuna.Study, trial: optuna.trial.Trial) -> int:
-    """The storage's id of a running trial, through the public storage API."""
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                           trial.number)
-
-
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -400,35 +394,60 @@ class _Backoff:
 
 
 class _Heartbeat:
-    """Record the trial's heartbeat now and then every interval, in a thread, until stopped."""
+    """Record the heartbeat of the trial a search runs: when it starts, then every interval until it ends.
 
-    def __init__(self, storage, trial_id: int) -> None:
-        self.storage, self.trial_id = storage, trial_id
+    One thread per search (not per trial) beats whichever trial is running;
+    :meth:`stop` returns only when no beat of the ended trial can follow.
+    :meth:`close` ends the thread.
+    """
+
+    def __init__(self, storage, study: optuna.Study) -> None:
+        self.storage, self.study = storage, study
         self.interval = _heartbeat_interval(storage)
+        self.trial_id: int | None = None
+        self.storage_study_id: int | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _beat(self) -> None:
+    def _beat(self, trial_id: int) -> None:
         try:
-            self.storage.record_heartbeat(self.trial_id)
+            self.storage.record_heartbeat(trial_id)
         except Exception as exc:  # a lost heartbeat is retried at the next interval
-            _logger.debug("heartbeat of trial %s failed: %s", self.trial_id, exc)
+            _logger.debug("heartbeat of trial %s failed: %s", trial_id, exc)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self._beat()
+            with self._lock:
+                if self.trial_id is not None:
+                    self._beat(self.trial_id)
 
-    def start(self) -> "_Heartbeat":
+    def start(self, trial: optuna.trial.Trial) -> "_Heartbeat":
+        """Beat for ``trial`` now and from now on (a storage without heartbeats: nothing)."""
         if self.interval:
-            self._beat()
-            self._thread = threading.Thread(target=self._loop, name=f"calib-heartbeat-{self.trial_id}", daemon=True)
-            self._thread.start()
+            if self.storage_study_id is None:  # the storage's ids, through its public API (the study's never changes)
+                self.storage_study_id = self.storage.get_study_id_from_name(self.study.study_name)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.storage_study_id, trial.number)
+            with self._lock:
+                self.trial_id = trial_id
+            self._beat(trial_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"calib-heartbeat-{self.study.study_name}",
+                                                daemon=True)
+                self._thread.start()
         return self
 
     def stop(self) -> None:
+        """The trial is over: no more beats for it."""
+        with self._lock:
+            self.trial_id = None
+
+    def close(self) -> None:
+        self.stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
 
 
 class _Signals:
@@ -533,19 +552,32 @@ def _finish(study: optuna.Study, trial, values, attrs: Mapping[str, Any]) -> boo
 
 
 @contextlib.contextmanager
-def _claimed_trial(study: optuna.Study, storage) -> Iterator[optuna.trial.Trial]:
-    """Ask for a trial with a heartbeat running; any exception (Ctrl-C too) inside marks it FAIL."""
-    trial = _ask(study)
-    beat = _Heartbeat(storage, _trial_id(storage, study, trial))
+def _heartbeat(study: optuna.Study, storage) -> Iterator[_Heartbeat]:
+    """The :class:`_Heartbeat` of a search, closed when it ends."""
+    beat = _Heartbeat(storage, study)
     try:
-        beat.start()
-        trial.set_user_attr(WORKER_KEY, worker_id())
-        yield trial
-    except BaseException:
-        _tell_fail(study, trial)
-        raise
+        yield beat
     finally:
-        beat.stop()
+        beat.close()
+
+
+@contextlib.contextmanager
+def _claimed_trial(study: optuna.Study, storage, beat: _Heartbeat | None = None) -> Iterator[optuna.trial.Trial]:
+    """Ask for a trial with a heartbeat running (``beat``, the search's, or one for this trial only); any
+    exception (Ctrl-C too) inside marks it FAIL."""
+    with contextlib.ExitStack() as stack:
+        if beat is None:
+            beat = stack.enter_context(_heartbeat(study, storage))
+        trial = _ask(study)
+        try:
+            beat.start(trial)
+            trial.set_user_attr(WORKER_KEY, worker_id())
+            yield trial
+        except BaseException:
+            _tell_fail(study, trial)
+            raise
+        finally:
+            beat.stop()
 
 
 def _check_waiting_possible(storage, what: str) -> None:
@@ -612,7 +644,8 @@ def _free_values(trials: Sequence[FrozenTrial], param: str, wanted: list[float],
 
 
 def _grid_trial(study: optuna.Study, storage, param: str, wanted: list[float],
-                objective: Callable[[float], tuple[float, Mapping[str, Any]]], signals: _Signals) -> bool:
+                objective: Callable[[float], tuple[float, Mapping[str, Any]]], signals: _Signals,
+                beat: _Heartbeat | None = None) -> bool:
     """Take one trial and evaluate it unless another trial holds its value; True if evaluated.
 
     A popped queued trial holds its value from its creation on: it yields to a
@@ -622,7 +655,7 @@ def _grid_trial(study: optuna.Study, storage, param: str, wanted: list[float],
     value.  Of two trials holding one value, at least one yields.
     """
     lo, hi = min(wanted), max(wanted)
-    with _claimed_trial(study, storage) as trial:
+    with _claimed_trial(study, storage, beat) as trial:
         trials = study.get_trials(deepcopy=False)
         me = next(t for t in trials if t.number == trial.number)
         value = _bound_value(me, param)
@@ -724,7 +757,7 @@ def grid_search(study_name: str, storage, param: str, values: Sequence[float],
                 study.enqueue_trial({param: v})
                 waiting = True
         if waiting:
-            if _grid_trial(study, storage, param, wanted, objective, signals):
+            if _grid_trial(study, storage, param, wanted, objective, signals, beat):
                 entry["evaluated"] += 1
             backoff.reset()
             return False
@@ -733,7 +766,8 @@ def grid_search(study_name: str, storage, param: str, values: Sequence[float],
             backoff.wait()
         return False
 
-    with _bar(len(wanted), 0, desc or study_name, progress) as bar, _Signals() as signals:
+    with _bar(len(wanted), 0, desc or study_name, progress) as bar, _Signals() as signals, \
+            _heartbeat(study, storage) as beat:
         retry.signals, retry.stale = signals, stale
         while not retry.run(lambda: step(signals)):
             pass
@@ -780,9 +814,10 @@ def _values(result: Any, n: int) -> list[float] | None:
 
 
 def _tpe_trial(study: optuna.Study, storage, space: Mapping[str, BaseDistribution], objective, n_trials: int,
-               seed: int, options: dict, signals: _Signals, algorithm: str = "tpe") -> str:
+               seed: int, options: dict, signals: _Signals, algorithm: str = "tpe",
+               beat: _Heartbeat | None = None) -> str:
     """Ask one trial; ``"surplus"``, ``"complete"``, ``"failed"`` (non-finite objective) or ``"dropped"``."""
-    with _claimed_trial(study, storage) as trial:
+    with _claimed_trial(study, storage, beat) as trial:
         trials = study.get_trials(deepcopy=False)
         if sum(1 for t in trials if t.number < trial.number and t.state in LIVE) >= n_trials:
             _discard(study, trial, f"surplus: {n_trials} trials were already under way", TrialState.FAIL)
@@ -898,7 +933,8 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
             with signals.interruptible():
                 backoff.wait()
             return False
-        outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals, algorithm)
+        outcome = _tpe_trial(study, storage, space, objective, n_trials, int(seed), options, signals, algorithm,
+                             beat)
         backoff.reset()
         if outcome == "complete":
             entry["evaluated"] += 1
@@ -908,7 +944,8 @@ def tpe_search(study_name: str, storage, space: Mapping[str, BaseDistribution],
                              f"{study_name!r})", field="objective")
         return False
 
-    with _bar(n_trials, 0, desc or study_name, progress) as bar, _Signals() as signals:
+    with _bar(n_trials, 0, desc or study_name, progress) as bar, _Signals() as signals, \
+            _heartbeat(study, storage) as beat:
         retry.signals, retry.stale = signals, stale
         while not retry.run(lambda: step(signals)):
             pass

@@ -9,7 +9,10 @@ Replays are cached across estimator instances (and so across ``clone``,
 ``GridSearchCV`` and Optuna trials): the solo-step hardware times of an
 experiment depend only on the physics, so a new overhead value reuses them.
 Predictions are cached too, keyed by (experiment, settings): the folds, seeds
-and candidates of a study that meet the same point replay it once.
+and candidates of a study that meet the same point replay it once.  So are the
+request times of a replay without the phantom step, keyed by (experiment,
+physics, overhead model): the reference and corrected modes of a study replay
+a point they share once.
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ _MAX_REPLAYS = 2048
 #: (experiment row, settings) -> predicted summary: shared across folds, seeds and candidates of a process
 _PREDICTIONS: "OrderedDict[tuple, dict]" = OrderedDict()
 _MAX_PREDICTIONS = 100_000
+#: (replay without the phantom step, overhead model) -> its request times: shared by both replay modes
+_TIMES: "OrderedDict[tuple, RequestTimes]" = OrderedDict()
+_MAX_TIMES = 50_000
 
 
 def clear_cache() -> None:
     """Forget every cached replay and prediction."""
     _REPLAYS.clear()
     _PREDICTIONS.clear()
+    _TIMES.clear()
 
 
 class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
@@ -119,8 +126,10 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
             summary = _PREDICTIONS.get(key)
             if summary is None:
                 overhead = overhead or settings.overhead_model()
-                rep = self._replay(X.iloc[i], settings, row_key)
-                times = rep.run(overhead)
+                rep = self._replay(lambda: X.iloc[i], settings, row_key)
+                times = _times(rep, overhead, _replay_key(row_key, settings, phantom=False))
+                if settings.replay.phantom:
+                    times = times.with_phantom()
                 summary = _summarise(times, settings.replay.tpot, settings.replay.client_ms(rep.requests.input_tokens))
                 _PREDICTIONS[key] = summary
                 if len(_PREDICTIONS) > _MAX_PREDICTIONS:
@@ -137,19 +146,20 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
     def replay(self, row: pd.Series, settings: Settings | None = None) -> SyncReplay:
         """The cached :class:`SyncReplay` of one experiment row under these settings' physics and replay."""
         settings = settings or self.settings()
-        return self._replay(row, settings, _row_key(row, settings.replay.lengths, settings.replay.seed))
+        return self._replay(lambda: row, settings, _row_key(row, settings.replay.lengths, settings.replay.seed))
 
-    def _replay(self, row: pd.Series, settings: Settings, row_key: tuple) -> SyncReplay:
-        """:meth:`replay` with the row's :func:`_row_key` computed by the caller."""
-        options = settings.physics_options()
+    def _replay(self, row_of, settings: Settings, row_key: tuple) -> SyncReplay:
+        """:meth:`replay` with the row's :func:`_row_key` computed by the caller; ``row_of()`` gives the row
+        (taken only when the replay is not cached)."""
         rp = settings.replay
         sched = SchedulerConfig(phantom_last_step=rp.phantom)
-        key = repr((row_key, settings.physics.hardware, asdict(options), asdict(sched).items()))
+        key = _replay_key(row_key, settings, rp.phantom)
         rep = _REPLAYS.get(key)
         if rep is None:
+            row = row_of()
             try:
                 sm = StepModel.build(str(row["model"]), int(row["tp"]), hardware=settings.physics.hardware,
-                                     options=options)
+                                     options=settings.physics_options())
             except CalibError as exc:
                 if exc.file is None and row.get("source") is not None:  # name the experiments file
                     raise type(exc)(f"experiment {row.name!r}: {exc.message}", file=str(row["source"]),
@@ -163,6 +173,36 @@ class RooflineRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         else:
             _REPLAYS.move_to_end(key)
         return rep
+
+
+def _replay_key(row_key: tuple, settings: Settings, phantom: bool) -> tuple:
+    """What identifies the replay of an experiment row: the row, the physics and the scheduler."""
+    physics = _PHYSICS_KEYS.get(settings.physics)
+    if physics is None:
+        if len(_PHYSICS_KEYS) >= 1024:
+            _PHYSICS_KEYS.clear()
+        physics = _PHYSICS_KEYS[settings.physics] = repr((settings.physics.hardware,
+                                                          asdict(settings.physics_options())))
+    return row_key, physics, _SCHEDULER_KEYS[bool(phantom)]
+
+
+#: physics settings -> their part of a replay key (``asdict`` of the options costs more than a replay look-up)
+_PHYSICS_KEYS: dict = {}
+_SCHEDULER_KEYS = {p: repr(asdict(SchedulerConfig(phantom_last_step=p))) for p in (False, True)}
+
+
+def _times(rep: SyncReplay, overhead, key: tuple) -> RequestTimes:
+    """``rep.run(overhead, phantom=False)``, cached by ``(key, overhead)`` (``key``: the replay's without the
+    phantom step, so both replay modes share the times; an unhashable overhead model is not cached)."""
+    try:
+        times = _TIMES.get((key, overhead))
+    except TypeError:
+        return rep.run(overhead, phantom=False)
+    if times is None:
+        times = _TIMES[(key, overhead)] = rep.run(overhead, phantom=False)
+        if len(_TIMES) > _MAX_TIMES:
+            _TIMES.popitem(last=False)
+    return times
 
 
 def _summarise(times: RequestTimes, tpot_def: str, client_ms=0.0) -> dict:

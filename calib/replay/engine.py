@@ -38,7 +38,9 @@ Two implementations of the same scheduler:
   with ``StepTimer(..., fast=False)`` it also times every step with a plain
   ``StepModel.parts`` call).
 
-Both give the same integer µs per request.
+Both give the same integer µs per request.  :class:`BusyPeriods` replays the
+busy periods of one experiment one after another with one engine, restarted
+between them (the synchronous replay's overlapping stretches).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from calib.physics.overhead import OverheadModel
 from calib.physics.roofline import round_half_away
 from calib.physics.step_model import StepModel
 
-__all__ = ["SchedulerConfig", "EngineResult", "StepTimer", "run_engine"]
+__all__ = ["SchedulerConfig", "EngineResult", "StepTimer", "run_engine", "BusyPeriods"]
 
 def _round_pos(x: float) -> int:
     """``round_half_away`` for ``x >= 0``."""
@@ -152,6 +154,19 @@ def _features(n_prefill, prefill_tokens, n_decode) -> dict:
             "n_decode": np.asarray(n_decode)}
 
 
+def overhead_keys(n_prefill, prefill_tokens, n_decode) -> tuple[list[tuple[int, int, int]], dict]:
+    """The distinct non-empty step features among these arrays, as memo keys and as the overhead's features
+    (for :meth:`StepTimer.prime_keys`).
+
+    >>> overhead_keys([1, 0, 1, 0], [64, 0, 64, 0], [0, 2, 0, 0])[0]
+    [(0, 0, 2), (1, 64, 0)]
+    """
+    keys = np.unique(np.stack([np.asarray(n_prefill, np.int64), np.asarray(prefill_tokens, np.int64),
+                               np.asarray(n_decode, np.int64)], axis=1).reshape(-1, 3), axis=0)
+    keys = keys[(keys[:, 0] + keys[:, 2]) > 0]
+    return list(map(tuple, keys.tolist())), _features(keys[:, 0], keys[:, 1], keys[:, 2])
+
+
 class StepTimer:
     """Step model + overhead model -> integer µs per step.
 
@@ -187,6 +202,7 @@ class StepTimer:
         self._ovh: dict[tuple[int, int, int], float] = (
             _overhead_memo(overhead, self._L, self._tp) if overhead is not None else {})
         self._dec_ovh: list[float] = []  # overhead of a decode-only step, by decode count (index 0 unused)
+        self.misses: list[tuple[int, int, int]] = []  # features whose overhead was not memoised when asked
         self._solo: tuple[np.ndarray, np.ndarray] | None = None
         floor = step_model.options.min_step_us
         self._floor = int(math.ceil(floor)) if floor > 0 else None
@@ -240,6 +256,7 @@ class StepTimer:
             if self.overhead is None:
                 v = self._ovh[key] = 0.0
             else:
+                self.misses.append(key)
                 lo = n_decode // _OVH_BLOCK * _OVH_BLOCK
                 qs = np.arange(lo, lo + _OVH_BLOCK)
                 if n_prefill == 0 and lo == 0:
@@ -278,16 +295,16 @@ class StepTimer:
 
         Overhead models are elementwise in the features, so this only saves time.
         """
-        if self.overhead is None:
+        if self.overhead is not None:
+            self.prime_keys(*overhead_keys(n_prefill, prefill_tokens, n_decode))
+
+    def prime_keys(self, keys: list[tuple[int, int, int]], features: dict) -> None:
+        """:meth:`prime` of the distinct, non-empty step features :func:`overhead_keys` lists."""
+        if self.overhead is None or not keys:
             return
-        keys = np.unique(np.stack([np.asarray(n_prefill, np.int64), np.asarray(prefill_tokens, np.int64),
-                                   np.asarray(n_decode, np.int64)], axis=1), axis=0)
-        keys = keys[(keys[:, 0] + keys[:, 2]) > 0]
-        if not len(keys):
-            return
-        vals = self.overhead.step_us(_features(keys[:, 0], keys[:, 1], keys[:, 2]), self._L, self._tp)
+        vals = self.overhead.step_us(features, self._L, self._tp)
         vals = np.broadcast_to(np.asarray(vals, dtype=np.float64), (len(keys),))
-        self._ovh.update(zip(map(tuple, keys.tolist()), vals.tolist()))
+        self._ovh.update(zip(keys, vals.tolist()))
 
     def solo_table(self, kv_max: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(durations, cumulative)`` of batch-1 decode steps by PI (``cumulative[i]`` = sum of the first i).
@@ -305,10 +322,21 @@ class StepTimer:
             tab = self._solo = (dur, np.concatenate([np.zeros(1, np.int64), np.cumsum(dur)]))
         return tab
 
+    def overhead_array(self, features: dict) -> np.ndarray:
+        """Overhead µs of the steps whose features are these arrays (0 for empty steps)."""
+        n = len(features["n_decode"])
+        if self.overhead is None:
+            return np.zeros(n)
+        return np.broadcast_to(np.asarray(self.overhead.step_us(features, self._L, self._tp), np.float64), (n,))
+
     def combine(self, hw_us: np.ndarray, features: dict) -> np.ndarray:
         """Add the overhead to hardware µs and round half away from zero (with the variant's floor)."""
         ovh = 0.0 if self.overhead is None else self.overhead.step_us(features, self._L, self._tp)
-        out = round_half_away(hw_us + ovh)
+        return self.combine_overhead(hw_us, ovh)
+
+    def combine_overhead(self, hw_us: np.ndarray, ovh_us) -> np.ndarray:
+        """Hardware µs plus overhead µs, rounded half away from zero (with the variant's floor)."""
+        out = round_half_away(hw_us + ovh_us)
         if self._floor is not None:
             out = np.maximum(out, self._floor)
         return out
@@ -397,6 +425,57 @@ def run_engine(timer: StepTimer, arrival_us, input_tokens, output_tokens, cfg: S
     return eng.run()
 
 
+class BusyPeriods:
+    """The busy periods of one set of requests, replayed one after another by one engine.
+
+    ``run(first)`` gives, for the requests of the busy period that starts with
+    request ``first``, what ``run_engine(..., first=first, stop_when_idle=True)``
+    gives, without building a new engine (per-request lists of every request)
+    for each period: the engine is restarted (:meth:`_Engine.restart`) when the
+    periods come in order, else built anew.
+
+    Parameters
+    ----------
+    timer, arrival_us, input_tokens, output_tokens, cfg, prefix_tokens, prefix_group, prefix_warm, fast
+        As for :func:`run_engine`.
+
+    Examples
+    --------
+    >>> from calib.physics import StepModel
+    >>> from calib.physics.overhead import PerLayer
+    >>> timer = StepTimer(StepModel.build("llama-2-7b-hf", 1), PerLayer(100.0))
+    >>> periods = BusyPeriods(timer, [0, 10, 10**7], [512, 512, 512], [4, 4, 4], SchedulerConfig())
+    >>> nxt, ttft, e2e, last = periods.run(0)
+    >>> nxt, len(ttft), periods.run(nxt)[0]
+    (2, 2, 3)
+    """
+
+    def __init__(self, timer: StepTimer, arrival_us, input_tokens, output_tokens, cfg: SchedulerConfig,
+                 prefix_tokens=None, prefix_group=None, prefix_warm: set | None = None, *, fast: bool = True):
+        self._args = (timer, arrival_us, input_tokens, output_tokens, cfg, prefix_tokens, prefix_group)
+        self._warm = prefix_warm
+        self._cls = _FastEngine if fast else _Engine
+        self._eng: _Engine | None = None
+
+    def run(self, first: int) -> tuple[int, list, list, list]:
+        """Replay the busy period starting with request ``first``.
+
+        Returns
+        -------
+        (int, list, list, list)
+            The index ``j`` of the first request after the period, and the TTFT,
+            E2E and last-step duration (µs) of requests ``first..j-1``.
+        """
+        eng = self._eng
+        if eng is None or eng.hit_cap or first < eng.nxt:
+            eng = self._eng = self._cls(*self._args, first, True, self._warm)
+        else:
+            eng.restart(first)
+        eng.loop()
+        j = eng.nxt
+        return j, eng.ttft[first:j], eng.e2e[first:j], eng.last[first:j]
+
+
 # ================================================================================== engines
 
 
@@ -416,9 +495,6 @@ class _Engine:
         self.pre = [0] * n if prefix_tokens is None else np.asarray(prefix_tokens, np.int64).tolist()
         self.grp = [-1] * n if prefix_group is None else np.asarray(prefix_group, np.int64).tolist()
         self.warm = prefix_warm if prefix_warm is not None else set()
-        self.released = 0          # KV blocks ever returned to the free queue
-        self.holders: dict[int, int] = {}  # prefix group -> running requests holding its cached prefix
-        self.qpos: dict[int, int] = {}     # idle prefix group -> queue position of its last prefix block
         self.holds = [False] * n   # the request holds its group's prefix (its prefill is done)
         self.stop_when_idle = stop_when_idle
         self.bs = cfg.block_size
@@ -432,19 +508,40 @@ class _Engine:
         self.generated = [0] * n  # output tokens produced
         self.held = [0] * n       # KV blocks held
         self.last = [0] * n       # duration of the request's latest step
+        self.ahead = cfg.async_scheduling
+        self._start(first)
+
+    def _start(self, first: int) -> None:
+        """The state of a call that starts with request ``first`` (besides the per-request state)."""
+        cfg = self.cfg
+        self.released = 0          # KV blocks ever returned to the free queue
+        self.holders: dict[int, int] = {}  # prefix group -> running requests holding its cached prefix
+        self.qpos: dict[int, int] = {}     # idle prefix group -> queue position of its last prefix block
         self.running: list[int] = []  # admission order
         self.waiting: deque[int] = deque()  # FCFS; preempted requests go back to the front
         self.free = cfg.kv_blocks
         self.first = first
-        self.t = self.arrival[first] if first < n else 0
+        self.t = self.arrival[first] if first < self.n else 0
         self.t_sched = self.t  # arrivals up to here can join the step about to be built (async_scheduling)
-        self.ahead = cfg.async_scheduling
         self.nxt = first
         self.n_steps = 0
         self.preemptions = 0
         self.hit_cap = False
         self.rec = {"start_us": [], "duration_us": [], "batch_size": [], "prefill_tokens": [],
                     "decode_tokens": []} if cfg.record_steps else None
+
+    def restart(self, first: int) -> None:
+        """Continue with the busy period that starts with request ``first``, as a new engine would.
+
+        Only after a call that ended idle (``stop_when_idle``, step cap not hit) and
+        with ``first`` at or after the request it stopped at: the requests from
+        ``first`` on were never touched, and the state of the call is reset (free
+        blocks, released-block count, queue positions of idle prefixes, clock,
+        step and preemption counters).  The prefix groups in ``prefix_warm`` stay.
+        """
+        if self.hit_cap or first < self.nxt or not self.idle():
+            raise ValueError("restart needs an idle engine and a first request not yet replayed")
+        self._start(first)
 
     # ---- shared pieces ---------------------------------------------------------------------
 
@@ -551,6 +648,11 @@ class _Engine:
         return not self.running and not self.waiting
 
     def run(self) -> tuple[EngineResult, int]:
+        self.loop()
+        return self.result()
+
+    def loop(self) -> None:
+        """Replay until the requests are done, the engine is idle (``stop_when_idle``) or the step cap."""
         cfg = self.cfg
         while True:
             self.admit_arrivals()
@@ -566,7 +668,6 @@ class _Engine:
                 self.hit_cap = True
                 break
             self.step()
-        return self.result()
 
     def step(self) -> None:
         self.running = self.explicit_step(self.running)
@@ -678,6 +779,24 @@ class _FastEngine(_Engine):
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.last_tick = [0] * self.n        # F_r of a decoding request
+        cfg = self.cfg
+        self.B, self.max_running, self.max_steps = cfg.max_scheduled_tokens, cfg.max_running, cfg.max_steps
+        timer = self.timer
+        self.aggregate = bool(getattr(timer, "aggregate", False))
+        steps = timer.steps if self.aggregate else None
+        self.need_max = self.aggregate and steps.needs_max
+        # hardware µs of a step from its prefill entries and decode statistics (or explicit decode PIs)
+        self.step_hw = steps.step_stats_hw_us if self.aggregate else timer.step_hw_us
+        self.hw_us = steps.decode_hw_us if self.aggregate else None
+        self.floor = getattr(timer, "_floor", None)
+        self.phantom = cfg.phantom_last_step
+        self.zero_pi = cfg.cached_prefill_pi == "zero"
+        self.cacheable = cfg.prefix_cache and any(g >= 0 for g in self.grp)
+        self._start_aggregate()
+
+    def _start_aggregate(self) -> None:
+        """The empty decode aggregate of a call starting at ``self.first``; size hints for the step caches."""
         self.run_order: dict[int, None] = {}  # running requests in admission order
         self.pref: list[int] = []            # running requests mid-prefill (explicit state)
         self.dec_c: dict[int, int] = {}       # decoding request -> c
@@ -687,25 +806,16 @@ class _FastEngine(_Engine):
         self.fin_heap: list[tuple[int, int]] = []
         self.max_heap: list[tuple[int, int]] = []
         self.max_cache: int | None = None     # max c when known (None: ask the heap)
-        self.last_tick = [0] * self.n        # F_r of a decoding request
+        self.ctx = self.timer.steps.contexts() if self.aggregate else None
         n, first, cfg = self.n, self.first, self.cfg
-        self.B, self.max_running, self.max_steps = cfg.max_scheduled_tokens, cfg.max_running, cfg.max_steps
-        timer = self.timer
-        self.aggregate = bool(getattr(timer, "aggregate", False))
-        steps = timer.steps if self.aggregate else None
-        self.need_max = self.aggregate and steps.needs_max
-        self.ctx = steps.contexts() if self.aggregate else None
-        # hardware µs of a step from its prefill entries and decode statistics (or explicit decode PIs)
-        self.step_hw = steps.step_stats_hw_us if self.aggregate else timer.step_hw_us
-        self.hw_us = steps.decode_hw_us if self.aggregate else None
-        self.floor = getattr(timer, "_floor", None)
-        self.phantom = cfg.phantom_last_step
-        self.zero_pi = cfg.cached_prefill_pi == "zero"
-        self.cacheable = cfg.prefix_cache and any(g >= 0 for g in self.grp)
         if first < n and self.aggregate:
             q_max = min(cfg.max_running, max(n - first, 1))
             kv_max = max(a + b for a, b in zip(self.inp[first:], self.out[first:]))
-            steps.reserve(q_max, kv_max, cfg.max_scheduled_tokens + q_max)
+            self.timer.steps.reserve(q_max, kv_max, cfg.max_scheduled_tokens + q_max)
+
+    def restart(self, first: int) -> None:
+        super().restart(first)
+        self._start_aggregate()
 
     # ---- aggregate bookkeeping ---------------------------------------------------------------
 
@@ -822,7 +932,7 @@ class _FastEngine(_Engine):
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> tuple[EngineResult, int]:
+    def loop(self) -> None:
         arrival, n, B = self.arrival, self.n, self.B
         while True:
             if self.nxt < n and arrival[self.nxt] <= (self.t_sched if self.ahead else self.t):
@@ -849,7 +959,6 @@ class _FastEngine(_Engine):
                 self.general_step()
                 continue
             self.explicit_fallback()
-        return self.result()
 
     def admit_arrivals(self) -> None:
         """:meth:`_Engine.admit_arrivals`, inlined."""

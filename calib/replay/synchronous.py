@@ -7,16 +7,22 @@ the hardware time of all those solo steps once (:class:`SyncReplay` caches
 them) and an overhead value then costs a few array operations.  Where a
 predicted request runs past the next arrival, the overlapping stretch (a busy
 period) is replayed by the continuous-batching engine, which produces the
-batch-2 decode and mixed steps the reference saw.  The engine's step times come
-from ``step_model.fast`` (cached per step model, so shared by every overhead
-value), and a busy period costs a few operations per event (arrival,
-completion), not per step.  The result is identical to replaying every request
-through :func:`calib.replay.engine.run_engine`.
+batch-2 decode and mixed steps the reference saw (one engine, restarted
+between the busy periods: :class:`calib.replay.engine.BusyPeriods`).  The
+engine's step times come from ``step_model.fast`` (cached per step model, so
+shared by every overhead value), and a busy period costs a few operations per
+event (arrival, completion), not per step.  The result is identical to
+replaying every request through :func:`calib.replay.engine.run_engine`.
+
+The phantom last step only adds each request's last step to its E2E, so a
+replay runs without it and adds it afterwards (:meth:`SyncReplay.run`,
+``phantom``): one replay serves both replay modes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -24,7 +30,7 @@ from calib.errors import DataError
 from calib.physics.batch import StepBatch
 from calib.physics.overhead import OverheadModel
 from calib.physics.step_model import StepModel
-from calib.replay.engine import SchedulerConfig, StepTimer, run_engine
+from calib.replay.engine import BusyPeriods, SchedulerConfig, StepTimer, overhead_keys
 
 __all__ = ["SyncRequests", "SyncReplay", "RequestTimes", "fixed_interval_arrivals"]
 
@@ -72,12 +78,24 @@ class SyncRequests:
 
 @dataclass(frozen=True)
 class RequestTimes:
-    """Per-request predictions in µs (E2E includes the phantom step when the replay adds it)."""
+    """Per-request predictions in µs (E2E includes the phantom step when the replay adds it).
+
+    ``phantom_us`` (when known) is what the phantom step would add to each
+    request's E2E: its last step's duration where it has more than one output
+    token, else 0; :meth:`with_phantom` adds it.
+    """
 
     ttft_us: np.ndarray
     e2e_us: np.ndarray
     output_tokens: np.ndarray
     overlapped: int = 0
+    phantom_us: np.ndarray | None = None
+
+    def with_phantom(self) -> "RequestTimes":
+        """These times with the phantom step added to E2E (``phantom_us`` must be known)."""
+        if self.phantom_us is None:
+            raise ValueError("the phantom step of these times is not known (or already added)")
+        return replace(self, e2e_us=self.e2e_us + self.phantom_us, phantom_us=None)
 
     @property
     def itl_us(self) -> np.ndarray:
@@ -114,6 +132,8 @@ class SyncReplay:
         self.step_model = step_model
         self.requests = requests
         self.scheduler = scheduler or SchedulerConfig()
+        # the engine replays without the phantom step: run() adds it from each request's last step
+        self._engine_cfg = replace(self.scheduler, phantom_last_step=False)
         self._build_solo_steps()
 
     def _build_solo_steps(self) -> None:
@@ -149,11 +169,13 @@ class SyncReplay:
             np.arange(n_p, n_p + n_d, dtype=np.int64), d_pi.astype(np.int64),
         )
         self._hw_us = self.step_model.parts(batch).hardware_s * 1e6
-        self._features = {
-            "n_prefill": np.r_[np.ones(n_p, np.int64), np.zeros(n_d, np.int64)],
-            "prefill_tokens": np.r_[np.asarray(p_n, np.int64), np.zeros(n_d, np.int64)],
-            "n_decode": np.r_[np.zeros(n_p, np.int64), np.ones(n_d, np.int64)],
-        }
+        # the overhead of a solo step depends on its features only: computed once per distinct feature row
+        self._solo_keys, self._solo_features = overhead_keys(
+            np.r_[np.ones(n_p, np.int64), np.zeros(n_d, np.int64)],
+            np.r_[np.asarray(p_n, np.int64), np.zeros(n_d, np.int64)],
+            np.r_[np.zeros(n_p, np.int64), np.ones(n_d, np.int64)])
+        index = {k: i for i, k in enumerate(self._solo_keys)}
+        self._solo_index = np.array([index[(1, c, 0)] for c in p_n] + [index.get((0, 0, 1), 0)] * n_d, np.int64)
         self._step_req = np.r_[np.asarray(p_req, np.int64), d_req]
         self._is_prefill = np.r_[np.ones(n_p, bool), np.zeros(n_d, bool)]
         # index of each request's last step (for the phantom step)
@@ -167,45 +189,70 @@ class SyncReplay:
         # decodes, and small pure-decode batches (their overheads are then computed in one call per run)
         chunks = np.unique(np.asarray(p_n, np.int64))
         few = np.arange(4)
-        self._prime = (
-            np.r_[np.ones(len(chunks) * len(few), np.int64), np.zeros(16, np.int64)],
-            np.r_[np.repeat(chunks, len(few)), np.zeros(16, np.int64)],
-            np.r_[np.tile(few, len(chunks)), np.arange(1, 17)],
-        )
+        likely = overhead_keys(np.r_[np.ones(len(chunks) * len(few), np.int64), np.zeros(16, np.int64)],
+                               np.r_[np.repeat(chunks, len(few)), np.zeros(16, np.int64)],
+                               np.r_[np.tile(few, len(chunks)), np.arange(1, 17)])[0]
+        # plus the features earlier runs found missing (the same stretches tend to need the same ones)
+        self._primed = set(likely)
+        self._prime = overhead_keys(*np.array(sorted(self._primed), np.int64).reshape(-1, 3).T)
 
-    def run(self, overhead: OverheadModel) -> RequestTimes:
-        """Replay with ``overhead``; reuses the cached solo-step hardware times."""
+    def run(self, overhead: OverheadModel, phantom: bool | None = None) -> RequestTimes:
+        """Replay with ``overhead``; reuses the cached solo-step hardware times.
+
+        ``phantom``: add the phantom step to E2E (default: the scheduler's
+        ``phantom_last_step``).  Without it the times carry ``phantom_us``, so
+        one replay serves both (:meth:`RequestTimes.with_phantom`).
+        """
+        times = self._times(overhead)
+        return times.with_phantom() if (self.scheduler.phantom_last_step if phantom is None else phantom) else times
+
+    def _times(self, overhead: OverheadModel) -> RequestTimes:
+        """The times without the phantom step, with ``phantom_us``."""
         timer = StepTimer(self.step_model, overhead)
-        req, cfg = self.requests, self.scheduler
-        durs = timer.combine(self._hw_us, self._features).astype(np.float64)
+        req = self.requests
+        durs = timer.combine_overhead(self._hw_us, timer.overhead_array(self._solo_features)[self._solo_index])
+        durs = durs.astype(np.float64)
         ttft = np.bincount(self._step_req, weights=np.where(self._is_prefill, durs, 0.0), minlength=req.n)
-        total = np.bincount(self._step_req, weights=durs, minlength=req.n)
-        end = req.arrival_us + total
-        phantom = np.where(req.output_tokens > 1, durs[self._last_step], 0.0) if cfg.phantom_last_step else 0.0
-        e2e = total + phantom
+        e2e = np.bincount(self._step_req, weights=durs, minlength=req.n)
+        end = req.arrival_us + e2e
+        phantom = np.where(req.output_tokens > 1, durs[self._last_step], 0.0)
+        # requests that run past the next arrival (all but the last when the KV cache rejects one: the engine decides)
         overlap = end[:-1] > req.arrival_us[1:]
-        if self._never_fits:  # a request the KV cache rejects: let the engine handle everything
-            overlap[:] = True
-        elif not overlap.any():
-            return RequestTimes(ttft, e2e, req.output_tokens)
+        starts = list(range(req.n - 1)) if self._never_fits else np.flatnonzero(overlap).tolist()
+        if not starts:
+            return RequestTimes(ttft, e2e, req.output_tokens, 0, phantom)
         # replay the busy periods that overlap through the engine; between them requests stay independent
-        timer.prime(*self._prime)
-        ttft, e2e = ttft.copy(), e2e.copy()
-        n_overlapped = 0
-        grouped = req.prefix_tokens > 0 and cfg.prefix_cache
+        timer.prime_keys(*self._prime)
+        grouped = req.prefix_tokens > 0 and self.scheduler.prefix_cache
         group = np.full(req.n, 0 if grouped else -1, np.int64)
         prefix = np.full(req.n, req.prefix_tokens, np.int64)
-        i = 0 if self._never_fits else int(np.argmax(overlap))
+        i = starts[0]
         warm = {0} if grouped and i > 0 else set()
+        periods = BusyPeriods(timer, req.arrival_us, req.input_tokens, req.output_tokens, self._engine_cfg,
+                              prefix_tokens=prefix, prefix_group=group, prefix_warm=warm)
+        replayed: list[int] = []
+        p_ttft: list = []
+        p_e2e: list = []
+        p_last: list = []
         while True:
-            res, j = run_engine(timer, req.arrival_us, req.input_tokens, req.output_tokens, cfg,
-                                prefix_tokens=prefix, prefix_group=group, first=i, stop_when_idle=True,
-                                prefix_warm=warm)
-            ttft[i:j] = res.ttft_us[i:j]
-            e2e[i:j] = res.e2e_us[i:j]
-            n_overlapped += j - i
-            later = np.flatnonzero(overlap[j:])
-            if j >= req.n or len(later) == 0:
+            j, a, b, c = periods.run(i)
+            replayed.extend(range(i, j))
+            p_ttft += a
+            p_e2e += b
+            p_last += c
+            k = bisect.bisect_left(starts, j)  # the next request at or after j that overlaps the next one
+            if j >= req.n or k == len(starts):
                 break
-            i = j + int(later[0])
-        return RequestTimes(ttft, e2e, req.output_tokens, n_overlapped)
+            i = starts[k]
+        ttft[replayed] = p_ttft
+        e2e[replayed] = p_e2e
+        phantom[replayed] = np.where(req.output_tokens[replayed] > 1, p_last, 0.0)
+        self._learn(timer.misses)
+        return RequestTimes(ttft, e2e, req.output_tokens, len(replayed), phantom)
+
+    def _learn(self, missed: list) -> None:
+        """Prime the step features a run found missing in the next runs too (at most 4096 of them)."""
+        new = set(missed) - self._primed
+        if new and len(self._primed) < 4096:
+            self._primed |= new
+            self._prime = overhead_keys(*np.array(sorted(self._primed), np.int64).reshape(-1, 3).T)

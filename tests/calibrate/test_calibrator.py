@@ -128,3 +128,23 @@ def test_select_best_chooses_inside_each_outer_fold(X):
         assert est.best_name_ == max(means, key=means.get)
         assert "SelectBest" in est.calibration_.notes
     assert clone(sel).get_params()["candidates"][0][0] == "fitted"
+
+
+def test_frame_digest_is_the_text_hash_whatever_the_memo(X):
+    """The digest remembered by a frame's pickle is the one computed from its text; any change of rows, values,
+    index or columns changes it; an unpicklable frame is digested directly."""
+    import pandas as pd
+
+    from calib.calibrate import calibrator
+
+    calibrator._DIGESTS.clear()
+    sub = X.iloc[[0, 2, 5]]
+    first = calibrator._frame_digest(sub)
+    assert first == calibrator._digest_of(sub) == calibrator._frame_digest(X.iloc[[0, 2, 5]].copy())
+    changed = sub.copy()
+    changed.iloc[0, changed.columns.get_loc("rate")] += 1e-9
+    variants = [X.iloc[[0, 2]], X.iloc[[2, 0, 5]], changed, sub.rename(index=str.upper), sub.rename(columns=str.upper)]
+    digests = {calibrator._frame_digest(v) for v in variants}
+    assert len(digests) == len(variants) and first not in digests
+    odd = pd.DataFrame({"a": [lambda: 0]})  # a lambda does not pickle
+    assert calibrator._frame_digest(odd) == calibrator._digest_of(odd)

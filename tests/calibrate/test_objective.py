@@ -39,3 +39,18 @@ def test_non_finite_predictions_make_an_infinite_loss():
 def test_bad_objectives_are_config_errors(spec):
     with pytest.raises(ConfigError):
         Objective.parse(spec)
+
+
+def test_loss_of_frames_equals_loss_of_plain_columns():
+    """A numeric DataFrame is converted once; frames with text columns, and mappings, column by column: the same
+    numbers either way."""
+    pred = pd.DataFrame({"ttft": [1.5, 2.0, 3.0], "tpot": [11.0, 18.0, 9.5], "e2e": [100.0, 200.0, 50.0],
+                         "overlapped": [0, 3, 1]})
+    meas = pd.DataFrame({"ttft": [1.0, 2.5, 3.0], "tpot": [10.0, 20.0, 9.0], "e2e": [100.0, 250.0, 40.0]})
+    obj = Objective.parse({"weights": {"tpot": 2.0, "e2e": 1.0}, "cap": 0.2})
+    plain = obj.loss({k: pred[k].tolist() for k in pred}, {k: meas[k].tolist() for k in meas}, [1.0, 2.0, 1.0])
+    assert obj.loss(pred, meas, [1.0, 2.0, 1.0]) == plain
+    assert obj.loss(pred.assign(name=["a", "b", "c"]), meas, [1.0, 2.0, 1.0]) == plain
+    assert set(plain[1]) == {"train_ttft_mape", "train_tpot_mape", "train_e2e_mape"}
+    with pytest.raises(KeyError):
+        obj.loss(pred.drop(columns="e2e"), meas)

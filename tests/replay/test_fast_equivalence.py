@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from calib.physics import StepModel
 from calib.physics.overhead import BatchLinear, PerLayer, PrefillDecodeSplit
-from calib.replay.engine import SchedulerConfig, StepTimer, run_engine
+from calib.replay.engine import BusyPeriods, SchedulerConfig, StepTimer, run_engine
 
 #: name -> (model, tp, options)
 VARIANTS = {
@@ -152,3 +152,64 @@ def test_repeated_prompts_with_eviction(name, kv_blocks):
         assert prefill > unbounded.steps["prefill_tokens"].sum()
     else:
         assert prefill == unbounded.steps["prefill_tokens"].sum()
+
+
+def periods_equal_fresh_engines(sm, overhead, arr, inp, out, cfg, skip, fast, **kw):
+    """Replay the busy periods in order (skipping ``skip`` requests after each) with one :class:`BusyPeriods`
+    and with a new engine per period (``run_engine(first=i, stop_when_idle=True)``); returns the periods seen."""
+    periods = BusyPeriods(StepTimer(sm, overhead, fast=fast), arr, inp, out, replace(cfg, phantom_last_step=False),
+                          prefix_warm=(warm_a := set()), fast=fast, **kw)
+    warm_b: set = set()
+    n, i, seen = len(arr), 0, 0
+    while i < n:
+        j, ttft, e2e, last = periods.run(i)
+        res, nxt = run_engine(StepTimer(sm, overhead, fast=fast), arr, inp, out, replace(cfg, phantom_last_step=True),
+                              first=i, stop_when_idle=True, prefix_warm=warm_b, fast=fast, **kw)
+        assert j == nxt and warm_a == warm_b
+        assert np.array_equal(ttft, res.ttft_us[i:j], equal_nan=True)
+        # the phantom step of the fresh engine is the period's last step of each request with more than one token
+        phantom = np.where(np.maximum(np.asarray(out[i:j]), 1) > 1, last, 0)
+        assert np.array_equal(np.asarray(e2e, float) + phantom, res.e2e_us[i:j], equal_nan=True)
+        seen += 1
+        if res.hit_step_cap:
+            break
+        i = j + skip
+    return seen
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads, skip=st.integers(0, 2))
+def test_busy_periods_equal_a_fresh_engine_per_period(fast, w, skip):
+    """One engine restarted between busy periods gives what a new engine per period gives (prefix groups,
+    small KV caches with preemption and eviction, async scheduling, step records)."""
+    arr, inp, out, cfg, overhead, kw = make_case({**w, "rate_us": max(w["rate_us"], 300_000)})
+    name = "v2.3" if fast else "v2.4"
+    periods_equal_fresh_engines(model_of(name), overhead, arr, inp, out, cfg, skip, fast, **kw)
+
+
+def test_busy_periods_restart_with_prefix_eviction():
+    """Repeated prompts in a small KV cache over many busy periods: queue positions are per period."""
+    rng = np.random.default_rng(11)
+    n = 40
+    arr = np.cumsum(rng.choice([1_000, 2_000_000], n, p=[0.7, 0.3]))
+    inp = rng.integers(200, 1500, 3)[np.arange(n) % 3]
+    out = rng.integers(2, 40, n)
+    seen = periods_equal_fresh_engines(model_of("v2.3"), PerLayer(80.0), arr, inp, out, SchedulerConfig(kv_blocks=150),
+                                       0, True, prefix_tokens=inp, prefix_group=np.arange(n) % 3)
+    assert seen > 3
+
+
+def test_busy_periods_out_of_order_or_after_the_step_cap_build_a_new_engine():
+    sm = model_of("v2.3")
+    arr, inp, out = [0, 10, 5_000_000, 5_000_010], [300, 300, 300, 300], [20, 20, 20, 20]
+    periods = BusyPeriods(StepTimer(sm, PerLayer(50.0)), arr, inp, out, SchedulerConfig())
+    first = periods.run(0)
+    assert first[0] == 2 and periods.run(2)[0] == 4
+    assert periods.run(0) == first  # back to the start: a new engine
+    capped = BusyPeriods(StepTimer(sm, PerLayer(50.0)), arr, inp, out, SchedulerConfig(max_steps=3))
+    j, ttft, e2e, _ = capped.run(0)
+    assert np.isnan(e2e).all()
+    ref, _ = run_engine(StepTimer(sm, PerLayer(50.0)), arr, inp, out, SchedulerConfig(max_steps=3), first=2,
+                        stop_when_idle=True)
+    assert capped.run(2)[1] == ref.ttft_us[2:4].tolist()

@@ -165,3 +165,48 @@ def test_request_that_never_fits_is_rejected_like_the_engine(sm):
     assert ref.rejected.tolist() == [False, True, False]
     assert np.array_equal(times.e2e_us, ref.e2e_us, equal_nan=True)
     assert np.array_equal(times.ttft_us, ref.ttft_us, equal_nan=True)
+
+
+def test_one_replay_serves_both_phantom_settings(sm):
+    """run(phantom=...) of one replay equals a replay built with that scheduler setting, and the engine's."""
+    lengths = lengths_of("chatsweep")[:15]
+    req = SyncRequests.from_lengths(lengths, round(1000 / 1292.6, 6), 284)
+    rep_off = SyncReplay(sm, req, SchedulerConfig(phantom_last_step=False))
+    rep_on = SyncReplay(sm, req)
+    for overhead in (PerLayer(100.0), BatchLinear(50.0, 5.0)):
+        off = rep_off.run(overhead)
+        on = rep_off.run(overhead, phantom=True)
+        assert off.overlapped > 0 and on.phantom_us is None
+        assert np.array_equal(on.e2e_us, rep_on.run(overhead).e2e_us)
+        assert np.array_equal(on.e2e_us, off.with_phantom().e2e_us)
+        assert np.array_equal(off.e2e_us, rep_on.run(overhead, phantom=False).e2e_us)
+        assert np.array_equal(on.e2e_us, engine_replay(sm, req, overhead, SchedulerConfig()).e2e_us)
+        assert np.array_equal(on.ttft_us, off.ttft_us)
+    with pytest.raises(ValueError):
+        on.with_phantom()
+
+
+def test_missing_step_features_are_primed_in_later_runs(sm):
+    """The overheads a busy period needed are computed up front in the next runs (fewer memo misses)."""
+    lengths = lengths_of("codesweep")
+    req = SyncRequests.from_lengths(lengths, round(1000 / 334.0, 6))
+    rep = SyncReplay(sm, req)
+    before = len(rep._primed)
+    rep.run(PerLayer(101.0))
+    assert len(rep._primed) > before
+    timer_misses = []
+    import calib.replay.synchronous as sync
+
+    class Spy(StepTimer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            timer_misses.append(self.misses)
+
+    real, sync.StepTimer = sync.StepTimer, Spy
+    try:
+        times = rep.run(PerLayer(102.0))
+    finally:
+        sync.StepTimer = real
+    assert len(timer_misses[0]) == 0
+    ref = engine_replay(sm, req, PerLayer(102.0), SchedulerConfig())
+    assert np.array_equal(times.e2e_us, ref.e2e_us) and np.array_equal(times.ttft_us, ref.ttft_us)
