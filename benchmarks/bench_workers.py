@@ -7,8 +7,13 @@ experiments (:func:`calib.studies.evaluate.evaluate`, the HG1 objective).
 Each run is a
 fresh Python process on a fresh journal file (the storage of ``calib study
 run --workers N``), timed from start to exit (imports and the first, slow,
-evaluations included); the parallel run forks ``N - 1`` workers after its
-imports and works as the N-th, as ``calib study run --workers N`` does.
+evaluations included).  Each run's process is set up as the ``calib`` program
+(:func:`calib.cli.as_program`: one OpenBLAS thread, the garbage collector
+paused while it imports and then frozen, :func:`calib.cli.finished` at the
+end); the parallel run then does what ``calib study run --workers N`` does:
+it warms what every worker needs (the train experiments' replays, as
+:func:`calib.studies.kinds.hg1.warm`), forks ``N - 1`` workers and works as
+the N-th.
 
 Run (on demand, not in CI)::
 
@@ -36,21 +41,38 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+ESTIMATOR = {"variant": "v2.3", "mode": "reference", "lengths": "reference", "seed": 42}
+
+
+def train_experiments():
+    from calib.data import load_experiments
+
+    X = load_experiments()
+    return X[X["hg1_split"] == "train"]
+
+
 def objective_factory():
     """The HG1 objective (train mean TPOT APE) of the two-parameter overhead model."""
-    from calib.data import load_experiments
     from calib.estimators.roofline import RooflineRegressor
     from calib.studies.evaluate import evaluate
 
-    X = load_experiments()
-    train = X[X["hg1_split"] == "train"]
-    base = RooflineRegressor(variant="v2.3", mode="reference", lengths="reference", seed=42).get_params()
+    train = train_experiments()
+    base = RooflineRegressor(**ESTIMATOR).get_params()
 
     def objective(params: dict):
         ev = evaluate(train, {**base, "overhead_model": "per_step_plus_per_layer", **params})
         return float(ev["tpot_ape"].mean()), {"train_e2e_mape": float(ev["e2e_ape"].mean())}
 
     return objective
+
+
+def warm() -> None:
+    """What the lead of ``calib study run --workers N`` does before it forks (``warm`` of the study's kind, here
+    :func:`calib.studies.kinds.hg1.warm` of an HG1 study with this estimator): the train experiments' replays
+    built and run once, inherited by the workers."""
+    from calib.estimators.roofline import RooflineRegressor
+
+    RooflineRegressor(**ESTIMATOR).predict_all(train_experiments())
 
 
 def space():
@@ -80,11 +102,19 @@ def counts(url: str) -> Counter:
 
 
 def run_study_like(url: str, n_trials: int, workers: int) -> None:
-    """What ``calib study run --workers N`` does: fork N - 1 workers after the imports, then work as one."""
+    """What ``calib study run --workers N`` does: import (GC paused, then frozen), warm what the workers need,
+    fork N - 1 workers, then work as one."""
     import multiprocessing as mp
 
-    import calib.calibrate.trials  # noqa: F401 - the imports a lead has done when it forks
+    from calib.cli import finished, importing
 
+    with importing():  # the imports a lead has done when it forks
+        import calib.calibrate.trials  # noqa: F401
+        import calib.estimators.roofline  # noqa: F401
+        import calib.studies.evaluate  # noqa: F401
+        import calib.studies.runner  # noqa: F401
+    if workers > 1:
+        warm()
     ctx = mp.get_context("fork")
     children = [ctx.Process(target=_child, args=(url, n_trials)) for _ in range(workers - 1)]
     for c in children:
@@ -93,6 +123,7 @@ def run_study_like(url: str, n_trials: int, workers: int) -> None:
     for c in children:
         c.join()
     print(f"  lead {os.getpid()}: {n} trials, cpu={time.process_time():.2f} s (imports included)", flush=True)
+    finished()
 
 
 def _child(url: str, n_trials: int) -> None:
@@ -139,6 +170,9 @@ def main() -> None:
     ap.add_argument("--run", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
+        from calib.cli import as_program
+
+        as_program()  # before anything imports numpy, as the calib program
         run_study_like(args.run, args.trials, args.workers)
         return
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.workers} CPU-bound processes "

@@ -98,15 +98,18 @@ def _stages(folders: list[Path], window_s: float | None, output_rule: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from sklearn.model_selection import LeaveOneGroupOut, cross_validate
+    from calib.cli import importing
 
-    from calib.calibrate import TPE, Calibrator
-    from calib.commands.predict import resolve_runs, run_prediction
-    from calib.data.runs import OutputFolder
-    from calib.errors import CalibError
-    from calib.estimators import LoadedRegressor
-    from calib.metrics import APE_KEYS, mean_apes
+    with importing():  # imported once and frozen
+        import numpy as np
+        from sklearn.model_selection import LeaveOneGroupOut, cross_validate
+
+        from calib.calibrate import TPE, Calibrator
+        from calib.commands.predict import resolve_runs, run_prediction
+        from calib.data.runs import OutputFolder
+        from calib.errors import CalibError
+        from calib.estimators import LoadedRegressor
+        from calib.metrics import APE_KEYS, mean_apes
 
     if not (math.isfinite(args.window) and args.window >= 0):
         raise CalibError(f"must be >= 0 seconds, got {args.window}", field="--window")

@@ -27,12 +27,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calib.cli import freeze_imports
-    from calib.commands.study import summary
-    from calib.resources import study_file
-    from calib.studies.runner import run_study
+    from calib.cli import importing
 
-    freeze_imports()
+    with importing():  # the study's and its report's dependencies (Matplotlib too), imported once and frozen
+        import calib.reporting.hg1  # noqa: F401
+        import calib.studies.kinds.hg1  # noqa: F401
+        from calib.commands.study import summary
+        from calib.resources import study_file
+        from calib.studies.runner import run_study
+
     study = study_file("hg1")
     out = Path(args.out) if args.out else Path("reports") / "hg1" / args.mode
     results = run_study(study, out, mode=args.mode, storage=args.storage, progress=not args.no_progress,

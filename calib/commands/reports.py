@@ -25,12 +25,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calib.commands.study import summary
-    from calib.resources import study_dir
-    from calib.studies.runner import run_study
-    from calib.studies.spec import load_study_file
+    from calib.cli import importing
 
-    from calib.studies.context import check_out_dir
+    with importing():  # the runner's and the reports' dependencies, imported once and frozen
+        import calib.reporting.plots  # noqa: F401
+        from calib.commands.study import summary
+        from calib.resources import study_dir
+        from calib.studies.context import check_out_dir
+        from calib.studies.runner import run_study
+        from calib.studies.spec import load_study_file
 
     check_out_dir(args.out)  # a file or an unwritable place: one line before any study runs
     folder = Path(args.studies or study_dir())

@@ -80,13 +80,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calib.cli import freeze_imports
-    from calib.errors import CalibError
-    from calib.studies.runner import run_study
-    from calib.studies.spec import load_study_file
-    from calib.studies.workers import STORAGE_ENV, stop_on_sigterm
+    from calib.cli import importing
 
-    freeze_imports()
+    with importing():  # the runner's dependencies, imported once and frozen
+        from calib.errors import CalibError
+        from calib.studies.runner import run_study
+        from calib.studies.spec import load_study_file
+        from calib.studies.workers import STORAGE_ENV, stop_on_sigterm
+
+        if args.workers == 1:  # the reports' Matplotlib too (with workers, the lead imports it once they run)
+            import calib.reporting.plots  # noqa: F401
 
     if args.workers < 1:
         raise CalibError(f"must be >= 1, got {args.workers}", field="--workers")
@@ -107,8 +110,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from calib.studies.storage import mask_url
-    from calib.studies.workers import STORAGE_ENV, WorkerStopped, run_worker, stop_on_sigterm
+    from calib.cli import importing
+
+    with importing():
+        import calib.studies.runner  # noqa: F401 - what every study kind needs (Optuna, pandas, scikit-learn)
+        from calib.studies.storage import mask_url
+        from calib.studies.workers import STORAGE_ENV, WorkerStopped, run_worker, stop_on_sigterm
 
     url = args.storage or os.environ.get(STORAGE_ENV) or None
     if not url:

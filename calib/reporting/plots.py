@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from calib.specs._files import write_atomic  # noqa: E402
 
-__all__ = ["plt", "save", "subplots"]
+__all__ = ["plt", "save", "subplots", "tight_bbox"]
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, sharex=False, sharey=False, squeeze: bool = True,
@@ -43,20 +43,44 @@ def close(fig=None) -> None:
 plt = SimpleNamespace(subplots=subplots, close=close)
 
 
-def save(fig, path) -> None:
-    """Save without timestamps in the PNG metadata, so reruns give identical files.
+def tight_bbox(fig, dpi: float):
+    """The box ``bbox_inches="tight"`` would crop ``fig`` to at ``dpi`` (inches, padded by
+    :rc:`savefig.pad_inches`), measured with the Agg renderer the PNG is then drawn with.
 
-    The figure goes to a temporary file in the same folder, renamed over
-    ``path`` when complete: an interrupted save leaves the previous figure, and
-    a symbolic link at ``path`` is replaced, never written through.  Ctrl-C
-    and SIGTERM are held back while the Agg renderer draws: delivered inside
-    its C code they surface as a matplotlib error (``Invalid bounding box``)
-    instead of an interruption; delivered after the drawing, they interrupt the
-    report as anywhere else (:func:`calib.reporting.commit`).
+    ``savefig(bbox_inches="tight")`` draws the figure once without rendering to
+    measure it, then again to render it; the box measured here needs no draw
+    (the axes place their ticks, titles and legend while they are measured),
+    and the renderer keeps the text it laid out for the drawing that follows.
+    The reports' figures use no layout engine (which would need that first
+    draw); for one that does, :func:`save` lets Matplotlib measure.
+    """
+    old = fig.dpi
+    fig.dpi = dpi  # the renderer of the saved PNG, so that text is measured as it is drawn
+    try:
+        box = fig.get_tightbbox(fig.canvas.get_renderer())
+    finally:
+        fig.dpi = old
+    return box.padded(matplotlib.rcParams["savefig.pad_inches"])
+
+
+def save(fig, path, dpi: int = 110) -> None:
+    """Save cropped to the figure's tight box, without timestamps in the PNG metadata (reruns give identical
+    files).
+
+    The PNG bytes are those of ``fig.savefig(path, dpi=dpi, bbox_inches="tight")``
+    with one drawing instead of two (:func:`tight_bbox`).  The figure goes to
+    a temporary file in the same folder, renamed over ``path`` when complete:
+    an interrupted save leaves the previous figure, and a symbolic link at
+    ``path`` is replaced, never written through.  Ctrl-C and SIGTERM are held
+    back while the Agg renderer draws: delivered inside its C code they surface
+    as a matplotlib error (``Invalid bounding box``) instead of an interruption;
+    delivered after the drawing, they interrupt the report as anywhere else
+    (:func:`calib.reporting.commit`).
     """
     from calib.reporting import _signals_held
 
     buf = io.BytesIO()
     with _signals_held():
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        box = "tight" if fig.get_layout_engine() is not None else tight_bbox(fig, dpi)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches=box, metadata={"Software": None})
     write_atomic(path, buf.getvalue())

@@ -3,7 +3,12 @@
 With ``workers > 1`` the lead process starts ``workers - 1`` worker processes
 (:class:`calib.studies.workers.WorkerPool`) on the same storage and runs the
 study itself as well; every process runs the same study code, and the
-searches of :mod:`calib.calibrate.trials` share out the trials.  Only the lead
+searches of :mod:`calib.calibrate.trials` share out the trials.  Before it
+forks them, the lead warms what every worker needs (a kind's optional
+``warm(spec, ctx)``, e.g. the replays of the experiments the search
+evaluates), so the workers inherit it instead of each building it again;
+what only the lead needs (the report's Matplotlib) it imports after the
+fork, while the workers already evaluate trials.  Only the lead
 writes ``results.json`` and the report, from the storage, so they are the ones
 a serial run writes.  A worker's side of the study is
 :func:`calib.studies.workers.run_worker` (re-exported here).  Every results.json
@@ -15,6 +20,7 @@ against its ``Results`` schema before anything is written.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -145,10 +151,18 @@ def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report
         if workers > 1:
             from calib.studies.workers import WorkerPool
 
-            with WorkerPool(study_file, ctx.url, workers - 1, mode=mode, heartbeat_interval=heartbeat_interval,
-                            grace_period=grace_period):
+            pool = WorkerPool(study_file, ctx.url, workers - 1, mode=mode, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period)
+            warm = getattr(kind, "warm", None)
+            if pool.start_method == "fork" and callable(warm):
+                warm(spec, ctx)  # once here, inherited by every forked worker
+            with pool:
+                if report:
+                    _import_report(spec.kind)  # only the lead writes the report: meanwhile the workers run trials
                 results = kind.run(spec, ctx)
         else:
+            if report:
+                _import_report(spec.kind)
             results = kind.run(spec, ctx)
     if workers > 1 and not log:
         print(f"calib: note: study kind {spec.kind!r} has no search that workers share; the {workers - 1} extra "
@@ -169,6 +183,16 @@ def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report
     if progress:
         print(f"calib: study {spec.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return results
+
+
+def _import_report(kind: str) -> None:
+    """Import the report module of ``kind`` (and so Matplotlib) before the study runs: a missing dependency
+    fails before the search, and a lead with workers imports it while they evaluate trials.  A kind without a
+    report is left to :func:`render_report`."""
+    from calib.reporting import REPORTS
+
+    if kind in REPORTS:
+        importlib.import_module(f"calib.reporting.{REPORTS[kind]}")
 
 
 def resume_line(name: str, log: list[dict], storage: str) -> str | None:

@@ -28,7 +28,7 @@ from calib.studies.schemas.hg1 import Results
 from calib.studies.spec import Strict
 from calib.studies.evaluate import evaluate
 
-__all__ = ["KIND", "schema", "run", "Results"]  # Results: the schema the runner checks results against
+__all__ = ["KIND", "schema", "run", "warm", "Results"]  # Results: the schema the runner checks results against
 
 KIND = "hg1"
 
@@ -87,6 +87,16 @@ def reproduction(pub: Published, optima: dict[str, float], splits: dict) -> dict
             "test_note": pub.test_note}
 
 
+def warm(spec: HG1Schema, ctx: RunContext) -> None:
+    """What every worker of a parallel run needs before its first trial, done once by the lead before it forks
+    them (:func:`calib.studies.runner.run_study`): the experiments read, and the replays of the train
+    experiments built and run once at the estimator's own settings (the first evaluation in a process costs
+    about ten later ones).  Nothing is stored; the grid's numbers do not depend on it."""
+    X = load_experiments(spec.dataset)
+    train, _ = resolve_split(spec.split, X, ctx.study_file)
+    RooflineRegressor(**spec.estimator).predict_all(X.loc[train])
+
+
 def run(spec: HG1Schema, ctx: RunContext) -> dict:
     X = load_experiments(spec.dataset)
     train, test = resolve_split(spec.split, X, ctx.study_file)
@@ -95,6 +105,8 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
     cal = Calibrator(estimator, space=spec.search_space(), objective=spec.objective, search=spec.phased_grid(),
                      storage=ctx.url, study_name=spec.name, progress=ctx.progress)
     cal.fit(X.loc[train])
+    if ctx.is_worker:  # the search is complete (a worker's share of it is done); what follows only the lead reports
+        return {}
     phase_names = [ph.name for ph in spec.phases]
     landscape: list[dict] = []
     optima: dict[str, float] = {}
@@ -114,19 +126,21 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
               for p in spec.validation}
     evals = {k: evaluate(X, {**base, param: v}) for k, v in points.items()}
     split_of = {n: ("train" if n in train else "test") for n in X.index}
+    layers = {m: load_model(m).num_layers for m in dict.fromkeys(X["model"].astype(str))}  # a model file read once
+    cells = {k: ev.to_dict("index") for k, ev in evals.items()}  # experiment -> column -> value, per point
     experiments = []
     for name, row in X.iterrows():
-        L = load_model(str(row["model"])).num_layers
+        L = layers[str(row["model"])]
+        at = {k: c[name] for k, c in cells.items()}
         experiments.append({
             "experiment": str(name), "split": split_of[name], "family": str(row["family"]), "tp": int(row["tp"]),
             "workload": str(row["workload"]), "model": str(row["model"]),
             "measured": {"ttft_ms": float(row["ttft_mean_ms"]), "tpot_ms": float(row["tpot_mean_ms"]),
                          "e2e_ms": float(row["e2e_mean_ms"])},
-            "predicted": {k: {"ttft_ms": float(ev.loc[name, "ttft"]), "tpot_ms": float(ev.loc[name, "tpot"]),
-                              "e2e_ms": float(ev.loc[name, "e2e"])} for k, ev in evals.items()},
-            **{f"{m}_ape": {k: float(ev.loc[name, f"{m}_ape"]) for k, ev in evals.items()}
-               for m in ("tpot", "e2e", "ttft")},
-            "overlapped_requests": {k: int(ev.loc[name, "overlapped"]) for k, ev in evals.items()},
+            "predicted": {k: {"ttft_ms": float(v["ttft"]), "tpot_ms": float(v["tpot"]), "e2e_ms": float(v["e2e"])}
+                          for k, v in at.items()},
+            **{f"{m}_ape": {k: float(v[f"{m}_ape"]) for k, v in at.items()} for m in ("tpot", "e2e", "ttft")},
+            "overlapped_requests": {k: int(v["overlapped"]) for k, v in at.items()},
             "effective_overhead_us_per_step": optimum * L / int(row["tp"]) if param == "per_layer_us" else None,
         })
     members = {"train": train, "test": test, "all": [str(i) for i in X.index]}
