@@ -216,9 +216,9 @@ class SyncReplay:
         e2e = np.bincount(self._step_req, weights=durs, minlength=req.n)
         end = req.arrival_us + e2e
         phantom = np.where(req.output_tokens > 1, durs[self._last_step], 0.0)
-        # requests that run past the next arrival (all but the last when the KV cache rejects one: the engine decides)
+        # requests that run past the next arrival (every request when the KV cache rejects one: the engine decides)
         overlap = end[:-1] > req.arrival_us[1:]
-        starts = list(range(req.n - 1)) if self._never_fits else np.flatnonzero(overlap).tolist()
+        starts = list(range(req.n)) if self._never_fits else np.flatnonzero(overlap).tolist()
         if not starts:
             return RequestTimes(ttft, e2e, req.output_tokens, 0, phantom)
         # replay the busy periods that overlap through the engine; between them requests stay independent

@@ -157,12 +157,17 @@ def test_phantom_off(sm):
     assert (on.e2e_us >= off.e2e_us).all() and (on.e2e_us > off.e2e_us).any()
 
 
-def test_request_that_never_fits_is_rejected_like_the_engine(sm):
-    req = SyncRequests.from_lengths([[100, 10], [5000, 10], [100, 5]], rate=1 / 60)
-    sched = SchedulerConfig(kv_blocks=100)  # 1600 tokens: request 1 can never fit
+@pytest.mark.parametrize("lengths,rejected", [
+    ([[100, 10], [5000, 10], [100, 5]], [False, True, False]),
+    ([[100, 10], [100, 5], [5000, 10]], [False, False, True]),  # the last one, after an idle gap
+])
+def test_request_that_never_fits_is_rejected_like_the_engine(sm, lengths, rejected):
+    req = SyncRequests.from_lengths(lengths, rate=1 / 60)
+    sched = SchedulerConfig(kv_blocks=100)  # 1600 tokens: a 5000-token request can never fit
     times = SyncReplay(sm, req, sched).run(PerLayer(10.0))
     ref = engine_replay(sm, req, PerLayer(10.0), sched)
-    assert ref.rejected.tolist() == [False, True, False]
+    assert ref.rejected.tolist() == rejected
+    assert np.isnan(times.e2e_us[rejected]).all()
     assert np.array_equal(times.e2e_us, ref.e2e_us, equal_nan=True)
     assert np.array_equal(times.ttft_us, ref.ttft_us, equal_nan=True)
 
