@@ -13,11 +13,12 @@ default bandwidth-efficiency factor and the MFU table to use::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from calib.errors import ConfigError
 from calib.resources import config_path
-from calib.specs._files import load_yaml
+from calib.specs._files import parse_yaml, read_text
 
 __all__ = ["HardwareSpec", "load_hardware", "available_hardware"]
 
@@ -82,7 +83,14 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
             raise ConfigError(
                 f"unknown hardware {text!r}; known: {', '.join(available_hardware())}", field="hardware"
             )
-    data = load_yaml(path, error=ConfigError)
+    return _hardware(str(path), read_text(path, error=ConfigError))
+
+
+@lru_cache(maxsize=64)
+def _hardware(file: str, text: str) -> HardwareSpec:
+    """The (immutable) spec of a hardware file's ``text``: parsed once per process and content."""
+    path = Path(file)
+    data = parse_yaml(text, path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping at top level", file=path)
     unknown = sorted(set(data) - _FIELDS)

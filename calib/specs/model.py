@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -282,8 +283,7 @@ def available_models() -> list[str]:
     return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
 
 
-def _read_mapping(path: Path) -> Any:
-    text = read_text(path, error=ConfigError)
+def _parse_mapping(path: Path, text: str) -> Any:
     if path.suffix != ".json":
         return parse_yaml(text, path, ConfigError)
     try:
@@ -342,4 +342,10 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
             f"unknown model {text!r}: not a file and not one of {', '.join(available_models())}", field="model"
         )
     name = path.parent.name if path.name == "config.json" else path.stem
-    return ModelSpec.from_dict(_read_mapping(path), name=name, source=str(path))
+    return _model(str(path), read_text(path, error=ConfigError), name)
+
+
+@lru_cache(maxsize=256)
+def _model(path: str, text: str, name: str) -> ModelSpec:
+    """The (immutable) spec of a model file's ``text``: parsed once per process and content."""
+    return ModelSpec.from_dict(_parse_mapping(Path(path), text), name=name, source=path)

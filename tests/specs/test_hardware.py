@@ -34,3 +34,14 @@ def test_bad_hardware(tmp_path, text, field):
 def test_unknown_name():
     with pytest.raises(ConfigError, match="unknown hardware"):
         load_hardware("tpu9")
+
+
+def test_a_hardware_file_is_parsed_once_per_content(tmp_path):
+    """load_hardware returns the same immutable spec while the file's text is unchanged, and a new one after an edit."""
+    assert load_hardware("h100") is load_hardware("H100")
+    path = tmp_path / "gpu.yaml"
+    path.write_text("tflops_peak: 100\nbw_peak_tbs: 2\n")
+    a = load_hardware(path)
+    assert load_hardware(str(path)) is a and a.tflops_peak == 100
+    path.write_text("tflops_peak: 200\nbw_peak_tbs: 2\n")
+    assert load_hardware(path).tflops_peak == 200 and a.tflops_peak == 100

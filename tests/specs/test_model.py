@@ -86,3 +86,19 @@ def test_unknown_name_and_bad_json(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="config.json"):
         load_model(bad)
+
+
+def test_a_model_file_is_parsed_once_per_content(tmp_path):
+    """load_model returns the same immutable spec while the file's text is unchanged, and a new one after an edit."""
+    first = load_model("llama-2-7b-hf")
+    assert load_model("LLAMA-2-7B-HF") is first
+    src = tmp_path / "m" / "config.json"
+    src.parent.mkdir()
+    base = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
+            "intermediate_size": 11008, "vocab_size": 32000, "torch_dtype": "float16"}
+    src.write_text(json.dumps(base))
+    a = load_model(src.parent)
+    assert load_model(src) is a and a.num_layers == 32
+    src.write_text(json.dumps({**base, "num_hidden_layers": 16}))
+    b = load_model(src.parent)
+    assert b is not a and b.num_layers == 16 and a.num_layers == 32
