@@ -271,6 +271,20 @@ def _row_keys(X: pd.DataFrame, lengths: str, seed: int) -> list[tuple]:
     return [_row_key({c: v[i] for c, v in columns.items()}, lengths, seed) for i in range(len(X))]
 
 
+def _row_workload(row):
+    """The experiment's own workload figures (its workload columns), or ``None`` when the row lacks one."""
+    from calib.data.workloads import WORKLOAD_COLUMNS, Workload
+
+    values = [row.get(c) for c in WORKLOAD_COLUMNS]
+    if any(v is None or v != v for v in values):  # missing or NaN
+        return None
+    return Workload(str(row["workload"]), *(int(v) if c in _INT_WORKLOAD_COLS else float(v)
+                                            for c, v in zip(WORKLOAD_COLUMNS, values)))
+
+
+_INT_WORKLOAD_COLS = ("n_requests", "seed", "prefix_tokens", "prompt_min", "prompt_max", "output_min", "output_max")
+
+
 def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
     from calib.data import load_workloads, quantile_lengths, reference_lengths, sample_lengths
 
@@ -285,10 +299,9 @@ def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:
                             field="lengths")
         arr = arr[:n]
     elif lengths in ("numpy", "quantiles"):
-        workloads = load_workloads()
-        wl = workloads.get(str(row["workload"]))
+        wl = _row_workload(row) or load_workloads().get(str(row["workload"]))
         if wl is None:
-            raise DataError(f"unknown workload {row['workload']!r}", field="workload")
+            raise DataError(f"unknown workload {row['workload']!r} and no workload columns", field="workload")
         arr = (sample_lengths if lengths == "numpy" else quantile_lengths)(wl, n, int(seed))
     else:
         from calib.data import load_guidellm_run
