@@ -297,8 +297,14 @@ def test_ctrl_c_while_the_report_is_written_leaves_a_whole_report_and_exits_130(
     assert subprocess.run(cmd, env=env(), capture_output=True, timeout=120).returncode == 0
     names = ("REPORT.md", "landscape.png", "per_experiment.png", "results.json")
     outcomes = {"previous report kept": 0, "new report complete": 0, "finished before the signal": 0}
-    delays = (0.0, 0.1, 0.4) if REPEATS == 1 else [random.Random(i).uniform(0, 1.5) for i in range(6 * REPEATS)]
-    for delay in delays:
+    delays = [0.0, 0.1, 0.4] if REPEATS == 1 else [random.Random(i).uniform(0, 1.5) for i in range(6 * REPEATS)]
+    extra = 5  # on a loaded machine the report can be written before the signal lands: then try again at once
+    i = 0
+    while i < len(delays) or (not outcomes["previous report kept"] and extra):
+        if i == len(delays):
+            extra -= 1
+            delays.append(0.0)
+        delay, i = delays[i], i + 1
         (out / "REPORT.md").write_text((out / "REPORT.md").read_text() + "\nPREVIOUS\n")
         before = {n: (out / n).read_bytes() for n in names}
         proc = python("-c", SIGINT_AFTER, str(out), str(delay), *cmd, timeout=200)
