@@ -120,8 +120,9 @@ def importing():
 
     Importing scikit-learn, SciPy, pandas, Optuna and Matplotlib allocates
     some 300,000 objects that live until exit; the collections this triggers
-    (full ones among them) find almost nothing to free.  Only when calib runs
-    as a program; called from Python, the imports run as any others.
+    (full ones among them) find almost nothing to free.  Ctrl-C and SIGTERM
+    are held back meanwhile and delivered right after the imports.  Only when
+    calib runs as a program; called from Python, the imports run as any others.
 
     Examples
     --------
@@ -131,10 +132,13 @@ def importing():
     if not _PROGRAM:
         yield
         return
+    from calib.reporting import _signals_held
+
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        with _signals_held():  # Ctrl-C delivered after the imports, never inside a C extension's initialisation
+            yield
     finally:
         freeze_imports()
         if was_enabled:

@@ -188,11 +188,14 @@ def _run_one(spec, study_file, out_dir: Path, *, mode, storage, progress, report
 def _import_report(kind: str) -> None:
     """Import the report module of ``kind`` (and so Matplotlib) before the study runs: a missing dependency
     fails before the search, and a lead with workers imports it while they evaluate trials.  A kind without a
-    report is left to :func:`render_report`."""
-    from calib.reporting import REPORTS
+    report is left to :func:`render_report`.  Ctrl-C and SIGTERM are held back meanwhile and delivered right
+    after: interrupted inside the initialisation of Matplotlib's C extensions, the interpreter can abort
+    while it tears down (seen once: ``ft2font`` ``initialization failed``, then a fatal error)."""
+    from calib.reporting import REPORTS, _signals_held
 
     if kind in REPORTS:
-        importlib.import_module(f"calib.reporting.{REPORTS[kind]}")
+        with _signals_held():
+            importlib.import_module(f"calib.reporting.{REPORTS[kind]}")
 
 
 def resume_line(name: str, log: list[dict], storage: str) -> str | None:

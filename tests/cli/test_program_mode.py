@@ -92,3 +92,38 @@ def test_a_finished_calib_study_run_leaves_no_sqlite_log(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "results.json").is_file() and (out / "REPORT.md").is_file()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("optuna.db")) == ["optuna.db"]
+
+
+def test_ctrl_c_is_held_while_a_program_imports_and_delivered_after():
+    """An interrupt during a command's imports (C extensions initialising) lands after them, as KeyboardInterrupt."""
+    code = """
+import os, signal
+import calib.cli as cli
+cli.as_program()
+state = []
+try:
+    with cli.importing():
+        state.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        os.kill(os.getpid(), signal.SIGINT)  # held: the imports go on
+        import fractions
+        state.append("imported")
+except KeyboardInterrupt:
+    state.append("interrupted after")
+state.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+print(state)
+"""
+    assert _python(code) == "[True, 'imported', 'interrupted after', False]"
+
+
+def test_the_lead_imports_the_report_with_signals_held(monkeypatch):
+    import importlib
+    import signal
+
+    from calib.studies import runner
+
+    seen = []
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name: seen.append((name, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+    runner._import_report("hg1")
+    assert seen == [("calib.reporting.hg1", True)]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
