@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from calib.data._io import as_float, as_int, mapping, read_yaml
 from calib.errors import DataError
@@ -115,6 +115,17 @@ class Workload:
     def as_columns(self) -> dict[str, Any]:
         """The figures as a ``{column: value}`` dict (keys of :data:`WORKLOAD_COLUMNS`)."""
         return {col: getattr(self, col) for col in WORKLOAD_COLUMNS}
+
+    @classmethod
+    def from_columns(cls, name: str, columns: Mapping[str, Any], file: Path | str = "") -> "Workload":
+        """The inverse of :meth:`as_columns`, validated (a :class:`~calib.errors.DataError` names ``file`` and
+        the column).
+
+        >>> w = Workload("w", 2, 42, 0, 10.0, 0.0, 10, 10, 5.0, 0.0, 5, 5)
+        >>> Workload.from_columns("w", w.as_columns()) == w
+        True
+        """
+        return _build(name, dict(columns), file, "", {c: c for c in WORKLOAD_COLUMNS})
 
 
 def _build(name: str, values: dict[str, Any], file: Path | str, prefix: str, keys: dict[str, str]) -> Workload:

@@ -275,14 +275,12 @@ def _row_workload(row):
     """The experiment's own workload figures (its workload columns), or ``None`` when the row lacks one."""
     from calib.data.workloads import WORKLOAD_COLUMNS, Workload
 
-    values = [row.get(c) for c in WORKLOAD_COLUMNS]
-    if any(v is None or v != v for v in values):  # missing or NaN
+    values = {c: row.get(c) for c in WORKLOAD_COLUMNS}
+    if any(v is None or v != v for v in values.values()):  # missing or NaN
         return None
-    return Workload(str(row["workload"]), *(int(v) if c in _INT_WORKLOAD_COLS else float(v)
-                                            for c, v in zip(WORKLOAD_COLUMNS, values)))
-
-
-_INT_WORKLOAD_COLS = ("n_requests", "seed", "prefix_tokens", "prompt_min", "prompt_max", "output_min", "output_max")
+    values = {c: v.item() if isinstance(v, np.generic) else v for c, v in values.items()}  # numpy -> Python numbers
+    source = row.get("source")
+    return Workload.from_columns(str(row["workload"]), values, "" if source is None else str(source))
 
 
 def _requests(row: pd.Series, lengths: str, seed: int) -> SyncRequests:

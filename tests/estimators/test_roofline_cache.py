@@ -63,6 +63,10 @@ def test_numpy_and_quantile_lengths_read_the_experiments_own_workload():
     wider = own.copy()
     wider["output_mean"] = 60.0
     assert _requests(wider, "quantiles", 42).output_tokens.mean() > _requests(own, "quantiles", 42).output_tokens.mean()
+    bad = own.copy()
+    bad["output_max"] = 2  # below output_min 6: validated like a workloads file
+    with pytest.raises(DataError, match="output_max"):
+        _requests(bad, "quantiles", 42)
     bare = own.drop(["output_mean"])
     with pytest.raises(DataError, match="my-code-workload"):
         _requests(bare, "quantiles", 42)
