@@ -126,11 +126,10 @@ def run(spec: HG1Schema, ctx: RunContext) -> dict:
               for p in spec.validation}
     evals = {k: evaluate(X, {**base, param: v}) for k, v in points.items()}
     split_of = {n: ("train" if n in train else "test") for n in X.index}
-    layers = {m: load_model(m).num_layers for m in dict.fromkeys(X["model"].astype(str))}  # a model file read once
     cells = {k: ev.to_dict("index") for k, ev in evals.items()}  # experiment -> column -> value, per point
     experiments = []
     for name, row in X.iterrows():
-        L = layers[str(row["model"])]
+        L = load_model(str(row["model"])).num_layers
         at = {k: c[name] for k, c in cells.items()}
         experiments.append({
             "experiment": str(name), "split": split_of[name], "family": str(row["family"]), "tp": int(row["tp"]),
