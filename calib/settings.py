@@ -166,6 +166,9 @@ class Replay(_Section):
                                    ge=0, le=60_000)
     input_token_latency_us: float = _f(0.0, "client/API-server latency per input token (tokenisation) added to "
                                             "each request's TTFT and E2E (µs)", ge=0, le=10_000)
+    cpu_overlap: bool = _f(False, "under async scheduling (loaded replays), the step's overhead (CPU) overlaps "
+                                  "the GPU work of the step before: a step lasts max(hardware, overhead), the "
+                                  "first after an idle engine their sum; synchronous replays always add them")
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -218,7 +218,7 @@ class LoadedRegressor(SettingsMixin, RegressorMixin, BaseEstimator):
         source, output_rule, window_s = trace_key
         base = settings.with_values({"request_latency_ms": 0.0, "input_token_latency_us": 0.0})
         key = (trace_key, self.prefix, self.cached_prefill_pi, self.max_steps, self.async_scheduling,
-               settings.physics.hardware,
+               settings.replay.cpu_overlap, settings.physics.hardware,
                settings.physics_options(), settings.overhead_model())
         stages = _STAGES.get(key)
         if stages is None:

@@ -230,12 +230,17 @@ def hardware_time(batch: StepBatch, *, model: ModelSpec, hardware: HardwareSpec,
     return StepParts(p_compute, p_memory, d_compute, d_memory, p_time, d_time, hw, has_p | has_d)
 
 
-def step_time_us(parts: StepParts, overhead_us: float | np.ndarray = 0.0, *, min_step_us: float = 0.0) -> np.ndarray:
+def step_time_us(parts: StepParts, overhead_us: float | np.ndarray = 0.0, *, min_step_us: float = 0.0,
+                 overlap: bool = False) -> np.ndarray:
     """Integer µs per step: ``round_half_away(hardware_s * 1e6 + overhead)``; empty steps are 0.
 
-    ``min_step_us`` floors non-empty steps (v2.4 uses 1 µs).
+    ``min_step_us`` floors non-empty steps (v2.4 uses 1 µs).  ``overlap``: the
+    overhead (CPU) runs beside the hardware (GPU) time, so a step lasts
+    ``max(hardware, overhead)`` (``replay.cpu_overlap``: a step that follows
+    another under async scheduling).
     """
-    raw = round_half_away(parts.hardware_s * 1e6 + np.asarray(overhead_us, dtype=np.float64))
+    hw, ovh = parts.hardware_s * 1e6, np.asarray(overhead_us, dtype=np.float64)
+    raw = round_half_away(np.maximum(hw, ovh) if overlap else hw + ovh)
     if min_step_us > 0:
         raw = np.maximum(raw, int(np.ceil(min_step_us)))
     return np.where(parts.non_empty, raw, 0)

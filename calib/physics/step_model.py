@@ -80,6 +80,7 @@ class StepModel:
         return hardware_time(batch, model=self.model, hardware=self.hardware, mfu=self.mfu, tp=self.tp,
                              options=self.options)
 
-    def step_us(self, batch: StepBatch, overhead_us: float | np.ndarray = 0.0) -> np.ndarray:
-        """Integer µs per step (hardware + overhead, rounded half away from zero)."""
-        return step_time_us(self.parts(batch), overhead_us, min_step_us=self.options.min_step_us)
+    def step_us(self, batch: StepBatch, overhead_us: float | np.ndarray = 0.0, *, overlap: bool = False) -> np.ndarray:
+        """Integer µs per step (hardware + overhead, rounded half away from zero; ``overlap``: their maximum,
+        see :func:`calib.physics.roofline.step_time_us`)."""
+        return step_time_us(self.parts(batch), overhead_us, min_step_us=self.options.min_step_us, overlap=overlap)

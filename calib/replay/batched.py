@@ -520,7 +520,8 @@ class BatchedRun:
         return ri
 
     def run(self, step_model: StepModel, overhead: OverheadModel | None, *, record_steps: bool | None = None,
-            request_latency_ms: float = 0.0, input_token_latency_us: float = 0.0) -> BatchedReplay:
+            request_latency_ms: float = 0.0, input_token_latency_us: float = 0.0,
+            cpu_overlap: bool = False) -> BatchedReplay:
         """Replay under ``step_model`` + ``overhead``.
 
         Parameters
@@ -534,6 +535,9 @@ class BatchedRun:
             TPOT and not to the engine's time): see the module docstring.
         input_token_latency_us : float
             Client-side latency per input token, added likewise (:func:`calib.metrics.client_ms`).
+        cpu_overlap : bool
+            Under async scheduling, the overhead overlaps the GPU work of the step before
+            (:class:`~calib.replay.engine.StepTimer` ``overlap``); ignored without async scheduling.
         """
         for name, v in (("request_latency_ms", request_latency_ms), ("input_token_latency_us", input_token_latency_us)):
             if isinstance(v, bool) or not np.isfinite(v) or v < 0:
@@ -541,7 +545,7 @@ class BatchedRun:
         inputs = self.inputs(int(getattr(step_model.model, "max_context", 0) or 0))
         if record_steps is not None and record_steps != inputs.scheduler.record_steps:
             inputs = replace(inputs, scheduler=replace(inputs.scheduler, record_steps=record_steps))
-        timer = StepTimer(step_model, overhead)
+        timer = StepTimer(step_model, overhead, overlap=bool(cpu_overlap) and inputs.scheduler.async_scheduling)
         res = replay_requests(timer, inputs)
         client = client_ms(float(request_latency_ms), float(input_token_latency_us), inputs.input_tokens)
         ttft = res.ttft_us / 1e3 + client

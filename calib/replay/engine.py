@@ -16,7 +16,10 @@ The engine replays requests through a vLLM-v1/BLIS-like scheduler.  Every step:
    (``max_running``) and the free KV blocks allow (the first request that does
    not fit stops admission).
 
-A step lasts the step model's time plus the overhead model's; progress, TTFT
+A step lasts the step model's time plus the overhead model's (with
+``StepTimer(..., overlap=True)``, vLLM's async scheduling with the CPU
+overhead hidden behind the GPU: the larger of the two, except for the first
+step after the engine was idle, which pays both); progress, TTFT
 and output tokens are credited at the end of the step (``roofline-spec.md``
 §6.5).  A request whose prompt plus output can never fit in the KV cache is
 rejected on arrival (``EngineResult.rejected``).  Every step makes progress (the
@@ -188,15 +191,23 @@ class StepTimer:
     step_model : StepModel
     overhead : OverheadModel or None
         ``None``: no overhead.
+    overlap : bool
+        The overhead is CPU time that runs beside the GPU work of the step
+        before (vLLM's async scheduling, ``replay.cpu_overlap``): a step that
+        follows another lasts ``max(hardware, overhead)``, the first step after
+        the engine was idle ``hardware + overhead`` (:meth:`step_us`
+        ``after_idle``).  A pure-decode step never follows an idle engine.
     fast : bool
         ``False`` times every step with a plain ``step_model.parts`` call (the
         straightforward reference, no caches; slow).
     """
 
-    def __init__(self, step_model: StepModel, overhead: OverheadModel | None, *, fast: bool = True):
+    def __init__(self, step_model: StepModel, overhead: OverheadModel | None, *, fast: bool = True,
+                 overlap: bool = False):
         self.step_model = step_model
         self.overhead = overhead
         self.fast = bool(fast)
+        self.overlap = bool(overlap)
         self.steps = step_model.fast
         self._L, self._tp = step_model.model.num_layers, step_model.tp
         self._ovh: dict[tuple[int, int, int], float] = (
@@ -275,16 +286,20 @@ class StepTimer:
             lst.extend(self.overhead_us(0, 0, q) if q else 0.0 for q in range(len(lst), n_decode + 1))
         return lst[n_decode]
 
-    def step_us(self, hw_us: float, n_prefill: int, prefill_tokens: int, n_decode: int) -> int:
-        """Integer µs of one non-empty step: hardware + overhead, rounded half away from zero, floored."""
-        d = round_half_away_scalar(hw_us + self.overhead_us(n_prefill, prefill_tokens, n_decode))
+    def step_us(self, hw_us: float, n_prefill: int, prefill_tokens: int, n_decode: int,
+                after_idle: bool = False) -> int:
+        """Integer µs of one non-empty step: hardware + overhead (with ``overlap``, unless ``after_idle``: their
+        maximum), rounded half away from zero, floored."""
+        ovh = self.overhead_us(n_prefill, prefill_tokens, n_decode)
+        d = round_half_away_scalar(hw_us + ovh if after_idle or not self.overlap else max(hw_us, ovh))
         if self._floor is not None and d < self._floor:
             d = self._floor
         return d
 
     def run_us(self, hw_us: np.ndarray, n_decode: int) -> np.ndarray:
-        """Integer µs of pure-decode steps of ``n_decode`` requests."""
-        x = hw_us + self.decode_overhead_us(n_decode)
+        """Integer µs of pure-decode steps of ``n_decode`` requests (never the first step after idle)."""
+        ovh = self.decode_overhead_us(n_decode)
+        x = np.maximum(hw_us, ovh) if self.overlap else hw_us + ovh
         out = np.floor(x + 0.5).astype(np.int64) if x.size and x.min() >= 0 else round_half_away(x)
         if self._floor is not None:
             out = np.maximum(out, self._floor)
@@ -330,7 +345,8 @@ class StepTimer:
         return np.broadcast_to(np.asarray(self.overhead.step_us(features, self._L, self._tp), np.float64), (n,))
 
     def combine(self, hw_us: np.ndarray, features: dict) -> np.ndarray:
-        """Add the overhead to hardware µs and round half away from zero (with the variant's floor)."""
+        """Add the overhead to hardware µs and round half away from zero (with the variant's floor): steps timed
+        on their own, as after an idle engine (``overlap`` does not apply)."""
         ovh = 0.0 if self.overhead is None else self.overhead.step_us(features, self._L, self._tp)
         return self.combine_overhead(hw_us, ovh)
 
@@ -527,6 +543,7 @@ class _Engine:
         self.n_steps = 0
         self.preemptions = 0
         self.hit_cap = False
+        self.after_idle = True     # no step is running: the next step's CPU work cannot overlap one
         self.rec = {"start_us": [], "duration_us": [], "batch_size": [], "prefill_tokens": [],
                     "decode_tokens": []} if cfg.record_steps else None
 
@@ -657,6 +674,7 @@ class _Engine:
         while True:
             self.admit_arrivals()
             if self.idle():
+                self.after_idle = True
                 if self.ahead and self.nxt < self.n and self.arrival[self.nxt] <= self.t:
                     self.t_sched = self.t  # nothing in flight: an arrival is scheduled at once
                     continue
@@ -716,7 +734,8 @@ class _Engine:
         d_pis = [inp[r] + generated[r] - 1 for r in d_req]
         hw = self.timer.step_hw_us([e[0] for e in entries], [e[1] for e in entries], d_pis=d_pis)
         ptoks = sum(e[1] for e in entries)
-        dur = self.timer.step_us(hw, len(entries), ptoks, len(d_req))
+        dur = self.timer.step_us(hw, len(entries), ptoks, len(d_req), self.after_idle)
+        self.after_idle = False
         if self.rec is not None:
             self.record([self.t], [dur], [len(entries) + len(d_req)], [ptoks], [len(d_req)])
         self.t_sched = self.t  # the next step was scheduled when this one started
@@ -790,6 +809,7 @@ class _FastEngine(_Engine):
         self.step_hw = steps.step_stats_hw_us if self.aggregate else timer.step_hw_us
         self.hw_us = steps.decode_hw_us if self.aggregate else None
         self.floor = getattr(timer, "_floor", None)
+        self.overlap = bool(getattr(timer, "overlap", False))
         self.phantom = cfg.phantom_last_step
         self.zero_pi = cfg.cached_prefill_pi == "zero"
         self.cacheable = cfg.prefix_cache and any(g >= 0 for g in self.grp)
@@ -938,6 +958,7 @@ class _FastEngine(_Engine):
             if self.nxt < n and arrival[self.nxt] <= (self.t_sched if self.ahead else self.t):
                 self.admit_arrivals()
             if not self.run_order and not self.waiting:
+                self.after_idle = True
                 if self.ahead and self.nxt < n and arrival[self.nxt] <= self.t:
                     self.t_sched = self.t  # nothing in flight: an arrival is scheduled at once
                     continue
@@ -1099,12 +1120,13 @@ class _FastEngine(_Engine):
             ovh = timer._ovh.get((len(entries), ptoks, q))
             if ovh is None:
                 ovh = timer.overhead_us(len(entries), ptoks, q)
-            x = hw + ovh
+            x = hw + ovh if self.after_idle or not self.overlap else (hw if hw > ovh else ovh)
             dur = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
             if timer._floor is not None and dur < timer._floor:
                 dur = timer._floor
         else:
-            dur = timer.step_us(hw, len(entries), ptoks, q)
+            dur = timer.step_us(hw, len(entries), ptoks, q, self.after_idle)
+        self.after_idle = False
         if self.rec is not None:
             self.record([self.t], [dur], [len(entries) + q], [ptoks], [q])
         self.t_sched = self.t  # the next step was scheduled when this one started
@@ -1208,14 +1230,15 @@ class _FastEngine(_Engine):
                 if fms is not None:  # a piece where the MFU is not affine: the general path
                     k, last, durs = self.aggregate_run(q, S0, k, cut, arrival_next)
                 else:
-                    hw_us, floor = self.hw_us, self.floor
+                    hw_us, floor, overlap = self.hw_us, self.floor, self.overlap
                     dov = self.timer._dec_ovh
                     ovh = dov[q] if q < len(dov) else self.timer.decode_overhead_us(q)
                     t = t0
                     n = 0
                     last = 0
                     for j in range(kk if kk <= SCALAR_RUN else SCALAR_RUN):
-                        x = hw_us(q, 0, S0 + q * j, C0 + j * (C1 + j * C2)) + ovh
+                        x = hw_us(q, 0, S0 + q * j, C0 + j * (C1 + j * C2))
+                        x = (x if x > ovh else ovh) if overlap else x + ovh
                         last = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
                         if floor is not None and last < floor:
                             last = floor
@@ -1232,7 +1255,7 @@ class _FastEngine(_Engine):
                     k = n
                     durs = None
             elif rec is None:  # the common case, inlined: first steps one by one
-                hw_us, floor = self.hw_us, self.floor
+                hw_us, floor, overlap = self.hw_us, self.floor, self.overlap
                 M0 = ((self.max_c() if self.max_cache is None else self.max_cache) + D) if self.need_max else 0
                 dov = self.timer._dec_ovh
                 ovh = dov[q] if q < len(dov) else self.timer.decode_overhead_us(q)
@@ -1240,7 +1263,8 @@ class _FastEngine(_Engine):
                 n = 0
                 last = 0
                 for j in range(k if k <= SCALAR_RUN else SCALAR_RUN):
-                    x = hw_us(q, M0 + j, S0 + q * j) + ovh
+                    x = hw_us(q, M0 + j, S0 + q * j)
+                    x = (x if x > ovh else ovh) if overlap else x + ovh
                     last = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
                     if floor is not None and last < floor:
                         last = floor
@@ -1285,7 +1309,7 @@ class _FastEngine(_Engine):
         hw_us = steps.decode_hw_us
         M0 = self.max_c() + D if self.need_max else 0
         ovh = timer._dec_ovh[q] if q < len(timer._dec_ovh) else timer.decode_overhead_us(q)
-        floor = timer._floor
+        floor, overlap = timer._floor, self.overlap
         keep = self.rec is not None
         durs: list | None = [] if keep else None
         t = self.t
@@ -1300,9 +1324,10 @@ class _FastEngine(_Engine):
             stop = False
             for j in range(kk if kk <= SCALAR_RUN else SCALAR_RUN):
                 if ctx is None:
-                    x = hw_us(q, M + j, S + q * j) + ovh
+                    x = hw_us(q, M + j, S + q * j)
                 else:
-                    x = hw_us(q, M + j, S + q * j, C0 + j * (C1 + j * C2) if fms is None else fms[j]) + ovh
+                    x = hw_us(q, M + j, S + q * j, C0 + j * (C1 + j * C2) if fms is None else fms[j])
+                x = (x if x > ovh else ovh) if overlap else x + ovh
                 d = math.floor(x + 0.5) if x >= 0 else round_half_away_scalar(x)
                 if floor is not None and d < floor:
                     d = floor

@@ -368,7 +368,7 @@ def replay_run(run: LoadedRun, settings: Settings, *, window_s: float | None = N
     """Replay one run (the full trace, or its first ``window_s`` s of every stage) under ``settings``.
 
     Uses the settings' physics (on ``settings.physics.hardware``), overhead
-    model and ``request_latency_ms``; a windowed replay records no steps.
+    model, client latencies and ``cpu_overlap``; a windowed replay records no steps.
 
     Raises
     ------
@@ -385,7 +385,8 @@ def replay_run(run: LoadedRun, settings: Settings, *, window_s: float | None = N
     return run.windowed(window_s).run(sm, settings.overhead_model(),
                                       record_steps=record_steps if window_s is None else False,
                                       request_latency_ms=settings.replay.request_latency_ms,
-                                      input_token_latency_us=settings.replay.input_token_latency_us)
+                                      input_token_latency_us=settings.replay.input_token_latency_us,
+                                      cpu_overlap=settings.replay.cpu_overlap)
 
 
 # ======================================================================================= statistics

@@ -118,7 +118,8 @@ def _candidates(r: dict) -> list[str]:
     rows = []
     for c in r["candidates"]:
         n = c["name"]
-        rows.append([n, c["variant"], json.dumps(c["physics"]), c["overhead_model"], c["n_params"], c["n_trials"],
+        overhead = c["overhead_model"] + (" (overlaps the GPU under async scheduling)" if c.get("cpu_overlap") else "")
+        rows.append([n, c["variant"], json.dumps(c["physics"]), overhead, c["n_params"], c["n_trials"],
                      *[st(_summary(r, side)["candidates"][n]["heldout"][m]) for side, _, _ in SIDES
                        for m in ("tpot", "e2e")],
                      r["summary"]["selected"]["counts"][n]])

@@ -435,12 +435,14 @@ def loaded_space(raw: Mapping[str, Any], base: Settings, where: str) -> dict:
 
 class Candidate(Strict):
     """A candidate of the ``physics`` and ``joint`` kinds: a roofline variant with fixed physics, an overhead model,
-    a search space and optionally its own budget."""
+    whether that overhead overlaps the GPU under async scheduling (``replay.cpu_overlap``), a search space and
+    optionally its own budget."""
 
     label: str = Field(pattern=r"^[A-Za-z0-9_.@+-]+$")
     description: str = ""
     physics: dict[str, Any] = Field(default_factory=lambda: {"variant": "v2.3"})
     overhead_model: str = "per_layer_tp_power"
+    cpu_overlap: bool = False
     space: dict[str, dict[str, Any]] = Field(min_length=1)
     n_trials: int | None = Field(default=None, ge=1)
 
@@ -481,7 +483,8 @@ class CandidateStudy(LoadedData):
     def regressor(self, c: Candidate):
         """The candidate's estimator: ``regressor_class`` with its physics and overhead model and this study's replay
         options."""
-        return self.regressor_class(**c.physics, overhead_model=c.overhead_model, hardware=self.hardware,
+        return self.regressor_class(**c.physics, overhead_model=c.overhead_model, cpu_overlap=c.cpu_overlap,
+                                    hardware=self.hardware,
                                     prefix=self.prefix, cached_prefill_pi=self.cached_prefill_pi,
                                     max_steps=self.max_steps, async_scheduling=self.async_scheduling)
 

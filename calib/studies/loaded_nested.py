@@ -81,7 +81,8 @@ def candidate_entries(cands: list, candidates: Sequence[Candidate], fit_rows, ot
     """The results entry of every candidate, with its fit (all seeds) on ``fit_rows`` predicting ``others``."""
     return [{"name": n, "description": meta["description"],
              "variant": cal.estimator.settings().physics.variant, "physics": meta["physics"],
-             "overhead_model": meta["overhead_model"], "space": describe_space(cal.space), "n_params": len(cal.space),
+             "overhead_model": meta["overhead_model"], "cpu_overlap": bool(meta.get("cpu_overlap", False)),
+             "space": describe_space(cal.space), "n_params": len(cal.space),
              "n_trials": cal.search.n_trials or budget(len(cal.space)),
              "search": cal.search.describe(), "study_prefix": cal.study_name,
              "fit": fit_on_all(cal, fit_rows, others)}

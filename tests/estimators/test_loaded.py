@@ -116,6 +116,19 @@ def test_one_replay_per_run_and_settings(X, counted):
     assert len(counted) == 6
 
 
+def test_cpu_overlap_is_a_setting_of_the_loaded_replay(X, counted):
+    """``cpu_overlap`` hides the per-step overhead behind the GPU under async scheduling (a new replay, faster
+    steps); with async scheduling off it changes nothing (the estimator option gates it)."""
+    params = dict(variant="v4", overhead_model="per_sequence", step_us_const=800.0, per_seq_us=20.0)
+    add = LoadedRegressor(**params).fit(X).predict_all(X)
+    hid = LoadedRegressor(**params, cpu_overlap=True).fit(X).predict_all(X)
+    assert len(counted) == 6  # the setting is part of the replay's key
+    assert (hid["tpot"] < add["tpot"]).all() and hid["ttft"].mean() < add["ttft"].mean()
+    sync = [LoadedRegressor(**params, cpu_overlap=o, async_scheduling=False).fit(X).predict_all(X) for o in (0, 1)]
+    assert sync[0]["tpot"].tolist() == sync[1]["tpot"].tolist()
+    assert Settings.from_params({"cpu_overlap": True}).replay.cpu_overlap is True
+
+
 def test_row_weights_make_a_mean_over_runs(X):
     w = LoadedRegressor.row_weights(X.iloc[:5])  # the last run keeps one of its two stages
     assert w.tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5, 1.0])

@@ -31,7 +31,7 @@ class FakeTimer:
         self.calls.append((list(zip(p_pi, p_n)), d))
         return (1000 + 10 * sum(p_n) if len(p_n) else 0) + 100 * len(d)
 
-    def step_us(self, hw, n_prefill, prefill_tokens, n_decode):
+    def step_us(self, hw, n_prefill, prefill_tokens, n_decode, after_idle=False):
         return int(hw)
 
     def decode_run_us(self, pis, k):
@@ -174,6 +174,44 @@ def test_overlap_gives_mixed_and_batch2_steps(fast):
     assert timer.calls[1] == ([(0, 50)], [100])  # r0 decodes at PI = 100
     assert res.ttft_us.tolist() == [2000, 3600 - 1500]
     assert res.e2e_us.tolist() == [4100 + 100, 4000 - 1500 + 200]
+
+
+@BOTH
+@pytest.mark.parametrize("aggregate", [True, False], ids=["fast-timer", "plain-timer"])
+def test_cpu_overlap_hides_the_overhead_behind_the_step_before(fast, aggregate):
+    """With ``overlap`` a step that follows another lasts max(hardware, overhead); the first step after an
+    idle engine pays both.  A 20 ms CPU overhead outlasts every GPU step here (a 7B model, 100-token prompts):
+    r0's prefill (idle engine) is hardware + 20 ms, its decodes 20 ms each, r1's prefill joins r0's last
+    decode (not after idle: 20 ms) and r2 arrives at an idle engine again."""
+    from calib.physics.overhead import PerSequence
+
+    sm = StepModel.build("llama-2-7b-hf", 1, variant="v4")
+    cfg = SchedulerConfig(record_steps=True, async_scheduling=True)
+    args = ([0, 30_000, 10_000_000], [100, 100, 100], [4, 2, 2], cfg)
+    timer = StepTimer(sm, PerSequence(20_000.0, 0.0), fast=aggregate, overlap=True)
+    res, _ = run_engine(timer, *args, fast=fast)
+    plain, _ = run_engine(StepTimer(sm, PerSequence(20_000.0, 0.0), fast=aggregate), *args, fast=fast)
+    prefill = timer.step_hw_us([0], [100])
+    assert prefill < 20_000
+    first = round(prefill + 20_000)
+    durations = steps_of(res)
+    assert [d[1] for d in durations] == [first, 20_000, 20_000, 20_000, 20_000, first, 20_000]
+    assert [d[3] for d in durations] == [100, 0, 0, 100, 0, 100, 0]  # r1 (async) joins r0's third decode
+    # without overlap every step adds the overhead: each step is longer than the overlapped one
+    assert all(p[1] > o[1] for p, o in zip(steps_of(plain)[1:5], durations[1:5]))
+    assert res.ttft_us.tolist() == [first, first + 60_000 - 30_000, first]
+
+
+@BOTH
+def test_cpu_overlap_with_a_small_overhead_is_the_hardware_time(fast, sm):
+    """An overhead below every step's GPU time disappears from every step but the first after idle."""
+    from calib.physics.overhead import PerSequence
+
+    cfg = SchedulerConfig(record_steps=True)
+    res, _ = run_engine(StepTimer(sm, PerSequence(1.0, 0.0), overlap=True), [0], [300], [6], cfg, fast=fast)
+    bare, _ = run_engine(StepTimer(sm, None), [0], [300], [6], cfg, fast=fast)
+    got, want = steps_of(res), steps_of(bare)
+    assert got[0][1] == want[0][1] + 1 and [g[1] for g in got[1:]] == [w[1] for w in want[1:]]
 
 
 @BOTH

@@ -50,10 +50,10 @@ def same(a, b) -> bool:
             and all(np.array_equal(a.steps[k], b.steps[k]) for k in b.steps))
 
 
-def replay_both(sm, overhead, arr, inp, out, cfg, **kw):
-    fast, nxt_f = run_engine(StepTimer(sm, overhead), arr, inp, out, cfg, prefix_warm=set(), **kw)
-    ref, nxt_r = run_engine(StepTimer(sm, overhead, fast=False), arr, inp, out, cfg, fast=False, prefix_warm=set(),
-                            **kw)
+def replay_both(sm, overhead, arr, inp, out, cfg, overlap=False, **kw):
+    fast, nxt_f = run_engine(StepTimer(sm, overhead, overlap=overlap), arr, inp, out, cfg, prefix_warm=set(), **kw)
+    ref, nxt_r = run_engine(StepTimer(sm, overhead, fast=False, overlap=overlap), arr, inp, out, cfg, fast=False,
+                            prefix_warm=set(), **kw)
     assert nxt_f == nxt_r
     return fast, ref
 
@@ -69,6 +69,7 @@ workloads = st.fixed_dictionaries({
     "ahead": st.booleans(),
     "prefix": st.sampled_from([0, 150, "repeat"]),
     "overhead": st.sampled_from(["per_layer", "batch_linear", "split", "none"]),
+    "overlap": st.booleans(),
 })
 
 
@@ -94,7 +95,7 @@ def make_case(w):
 @given(w=workloads)
 def test_random_workloads_equal_plain_reference(name, w):
     arr, inp, out, cfg, overhead, kw = make_case(w)
-    fast, ref = replay_both(model_of(name), overhead, arr, inp, out, cfg, **kw)
+    fast, ref = replay_both(model_of(name), overhead, arr, inp, out, cfg, overlap=w["overlap"], **kw)
     assert same(fast, ref), cfg
 
 
@@ -113,8 +114,9 @@ def test_long_runs_across_mfu_knots(name):
     assert fast.steps["batch_size"].max() >= 3
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("name", ["v2.3", "v2.4", "v3", "v3-mixtral", "v4", "v4-mixtral-tp2"])
-def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
+def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name, overlap):
     """Many requests (the explicit engine with the fast timer: explicit decode contexts per step)."""
     sm = model_of(name)
     rng = np.random.default_rng(3)
@@ -125,14 +127,15 @@ def test_fast_engine_equals_fast_straightforward_engine_on_bigger_cases(name):
         out = rng.integers(1, 300, n)
         cfg = SchedulerConfig(max_running=int(rng.choice([16, 128])), kv_blocks=int(rng.choice([600, 10_000])),
                               record_steps=True, async_scheduling=bool(rng.integers(2)))
-        a, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg)
-        b, _ = run_engine(StepTimer(sm, PerLayer(70.0)), arr, inp, out, cfg, fast=False)
+        a, _ = run_engine(StepTimer(sm, PerLayer(70.0), overlap=overlap), arr, inp, out, cfg)
+        b, _ = run_engine(StepTimer(sm, PerLayer(70.0), overlap=overlap), arr, inp, out, cfg, fast=False)
         assert same(a, b)
 
 
 @pytest.mark.parametrize("name", ["v2.3", "v4", "v4-mixtral-tp2"])
 @pytest.mark.parametrize("kv_blocks", [300, 900, 100_000])
-def test_repeated_prompts_with_eviction(name, kv_blocks):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_repeated_prompts_with_eviction(name, kv_blocks, overlap):
     """Twenty prompts sent in turn under load, each cached whole: at small KV caches prefixes are evicted
     (the replays differ from the unbounded cache's) and both engines still agree step for step."""
     sm = model_of(name)
@@ -144,9 +147,10 @@ def test_repeated_prompts_with_eviction(name, kv_blocks):
     out = rng.integers(20, 200, n)
     kw = dict(prefix_tokens=inp, prefix_group=np.arange(n) % 20)
     cfg = SchedulerConfig(kv_blocks=kv_blocks, record_steps=True, cached_prefill_pi="cached", async_scheduling=True)
-    fast, ref = replay_both(sm, PerLayer(70.0), arr, inp, out, cfg, **kw)
+    fast, ref = replay_both(sm, PerLayer(70.0), arr, inp, out, cfg, overlap=overlap, **kw)
     assert same(fast, ref)
-    unbounded, _ = replay_both(sm, PerLayer(70.0), arr, inp, out, replace(cfg, kv_blocks=1_000_000), **kw)
+    unbounded, _ = replay_both(sm, PerLayer(70.0), arr, inp, out, replace(cfg, kv_blocks=1_000_000), overlap=overlap,
+                               **kw)
     prefill = fast.steps["prefill_tokens"].sum()
     if kv_blocks < 1000:  # evictions: more prompt tokens computed than with room for every prompt
         assert prefill > unbounded.steps["prefill_tokens"].sum()
@@ -154,16 +158,18 @@ def test_repeated_prompts_with_eviction(name, kv_blocks):
         assert prefill == unbounded.steps["prefill_tokens"].sum()
 
 
-def periods_equal_fresh_engines(sm, overhead, arr, inp, out, cfg, skip, fast, **kw):
+def periods_equal_fresh_engines(sm, overhead, arr, inp, out, cfg, skip, fast, overlap=False, **kw):
     """Replay the busy periods in order (skipping ``skip`` requests after each) with one :class:`BusyPeriods`
     and with a new engine per period (``run_engine(first=i, stop_when_idle=True)``); returns the periods seen."""
-    periods = BusyPeriods(StepTimer(sm, overhead, fast=fast), arr, inp, out, replace(cfg, phantom_last_step=False),
+    periods = BusyPeriods(StepTimer(sm, overhead, fast=fast, overlap=overlap), arr, inp, out,
+                          replace(cfg, phantom_last_step=False),
                           prefix_warm=(warm_a := set()), fast=fast, **kw)
     warm_b: set = set()
     n, i, seen = len(arr), 0, 0
     while i < n:
         j, ttft, e2e, last = periods.run(i)
-        res, nxt = run_engine(StepTimer(sm, overhead, fast=fast), arr, inp, out, replace(cfg, phantom_last_step=True),
+        res, nxt = run_engine(StepTimer(sm, overhead, fast=fast, overlap=overlap), arr, inp, out,
+                              replace(cfg, phantom_last_step=True),
                               first=i, stop_when_idle=True, prefix_warm=warm_b, fast=fast, **kw)
         assert j == nxt and warm_a == warm_b
         assert np.array_equal(ttft, res.ttft_us[i:j], equal_nan=True)
@@ -185,7 +191,7 @@ def test_busy_periods_equal_a_fresh_engine_per_period(fast, w, skip):
     small KV caches with preemption and eviction, async scheduling, step records)."""
     arr, inp, out, cfg, overhead, kw = make_case({**w, "rate_us": max(w["rate_us"], 300_000)})
     name = "v2.3" if fast else "v2.4"
-    periods_equal_fresh_engines(model_of(name), overhead, arr, inp, out, cfg, skip, fast, **kw)
+    periods_equal_fresh_engines(model_of(name), overhead, arr, inp, out, cfg, skip, fast, overlap=w["overlap"], **kw)
 
 
 def test_busy_periods_restart_with_prefix_eviction():

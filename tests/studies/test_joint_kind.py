@@ -31,7 +31,7 @@ def study(**changes) -> dict:
     base = {"name": "tiny-joint", "kind": "joint", "runs": DENSE + OTHER, "experiments": EXPERIMENTS,
             "candidates": [
                 {"label": "v2.4-physics", "physics": {"variant": "v2.4"}, "overhead_model": "per_layer_tp_power",
-                 "space": {"per_layer_us": {"low": 0, "high": 300}, "alpha": {"low": 0, "high": 1.5},
+                 "cpu_overlap": True, "space": {"per_layer_us": {"low": 0, "high": 300}, "alpha": {"low": 0, "high": 1.5},
                            "request_latency_ms": {"low": 0, "high": 40}}},
                 {"label": "v3-physics", "physics": {"variant": "v3"}, "overhead_model": "per_layer",
                  "space": {"mfu_decode": {"low": 0.1, "high": 0.9}, "per_layer_us": {"low": 0, "high": 300}}}],
@@ -197,6 +197,7 @@ def test_mixtral_overloaded_calibration_and_report(tiny):
     r, _, tmp = tiny
     v24, v3 = r["candidates"]
     assert "moe" in v3["fit"]["other_runs"] and "moe" not in v24["fit"]["other_runs"]
+    assert v24["cpu_overlap"] is True and v3["cpu_overlap"] is False
     other = {e["run"]: e for e in r["recommended"]["other_runs"]}
     assert other[OTHER[1]]["group"] == "overloaded" and other[OTHER[1]]["supported"]
     assert other[OTHER[0]]["supported"] == (r["recommended"]["candidate"] == "v3-physics")
@@ -249,6 +250,15 @@ def test_study_lengths_reach_the_synchronous_replays(tmp_path):
     assert e2e < ref_e2e  # seed 42's draws have 51.8 output tokens on average, the distribution 42.4
     with pytest.raises(StudyError, match="lengths"):
         load_study_file(write(tmp_path, study(lengths="run")))
+
+
+def test_candidate_cpu_overlap_reaches_its_estimator(tmp_path):
+    """A candidate's ``cpu_overlap`` is its estimator's ``replay.cpu_overlap`` (what its calibration file carries);
+    the other candidate keeps the default."""
+    spec = load_study_file(write(tmp_path, study()))
+    on, off = (spec.regressor(c) for c in spec.candidates)
+    assert on.settings().replay.cpu_overlap is True and off.settings().replay.cpu_overlap is False
+    assert on.parts()["loaded"].get_params()["cpu_overlap"] is True
 
 
 def test_search_refine_reaches_every_fit(tmp_path):

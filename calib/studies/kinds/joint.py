@@ -120,12 +120,13 @@ def run_figures(nested_loaded, stage_runs: dict[str, str], models: dict[str, str
 
 def _candidates(spec: JointSchema) -> list[tuple]:
     return [(c.label, spec.regressor(c), spec.space(c), c.n_trials,
-             {"description": c.description, "physics": dict(c.physics), "overhead_model": c.overhead_model})
+             {"description": c.description, "physics": dict(c.physics), "overhead_model": c.overhead_model,
+              "cpu_overlap": c.cpu_overlap})
             for c in spec.candidates]
 
 
 def step_curves(name: str, settings, pairs, contexts, batches) -> list[dict]:
-    """Decode-only step time (hardware + overhead, ms) against batch size for ``(model, tp)`` ``pairs`` and
+    """Decode-only step time (hardware + overhead, or their maximum with ``replay.cpu_overlap``, ms) against batch size for ``(model, tp)`` ``pairs`` and
     ``contexts`` under ``settings`` (:meth:`calib.physics.StepModel.step_us` of one
     :class:`~calib.physics.batch.StepBatch` step per batch size)."""
     from calib.physics import StepBatch, StepModel
@@ -134,6 +135,7 @@ def step_curves(name: str, settings, pairs, contexts, batches) -> list[dict]:
     steps = np.repeat(np.arange(len(b)), b)
     zeros = np.zeros(len(b), dtype=np.int64)
     overhead = settings.overhead_model()
+    overlap = settings.replay.cpu_overlap  # busy decode steps under async scheduling, as the loaded replay times them
     out = []
     for model, tp in pairs:
         sm = StepModel.build(model, tp, hardware=settings.physics.hardware, options=settings.physics_options())
@@ -141,7 +143,7 @@ def step_curves(name: str, settings, pairs, contexts, batches) -> list[dict]:
         for context in contexts:
             batch = StepBatch.from_arrays(len(b), decode_step=steps, decode_pi=np.full(len(steps), context))
             out.append({"candidate": name, "model": model, "tp": int(tp), "context": int(context),
-                        "batch": b.tolist(), "step_ms": (sm.step_us(batch, ovh) / 1e3).tolist(),
+                        "batch": b.tolist(), "step_ms": (sm.step_us(batch, ovh, overlap=overlap) / 1e3).tolist(),
                         "overhead_ms": (np.asarray(ovh, dtype=float) / 1e3).tolist()})
     return out
 

@@ -44,5 +44,6 @@ schema = PhysicsSchema
 def run(spec: PhysicsSchema, ctx: RunContext) -> dict:
     return run_candidates(spec, ctx, KIND, [
         (c.label, spec.regressor(c), spec.space(c), c.n_trials,
-         {"description": c.description, "physics": dict(c.physics), "overhead_model": c.overhead_model})
+         {"description": c.description, "physics": dict(c.physics), "overhead_model": c.overhead_model,
+          "cpu_overlap": c.cpu_overlap})
         for c in spec.candidates], {"candidates": [c.model_dump() for c in spec.candidates]})

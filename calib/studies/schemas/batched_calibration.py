@@ -77,6 +77,7 @@ class Candidate(Typed):
     variant: str
     physics: dict[str, Any]
     overhead_model: str
+    cpu_overlap: bool = False
     space: dict[str, Any]
     n_params: int
     n_trials: int
