@@ -189,7 +189,8 @@ def register(subparsers) -> None:
     p.add_argument("--rates", required=True,
                    help="request rates (req/s): START:STOP[:STEP] (step 1 by default) or a list 1,2,4")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration file (default: the shipped configs/calibrations/h100-vllm.yaml)")
+                   help="calibration file, or the name of one shipped in configs/calibrations (e.g. "
+                        "h100-vllm-additive); default: h100-vllm")
     p.add_argument("--slo", help="objectives, e.g. ttft_p90=200ms,tpot_p90=50ms (metric ttft|tpot|e2e, stat "
                                  "mean|p50|p90|p99, value in ms or s)")
     p.add_argument("--duration", type=float, default=300.0, metavar="S",

@@ -31,12 +31,23 @@ METRICS = ("ttft", "tpot", "e2e")
 STATS = ("mean", "p50", "p90", "p99")
 
 
+def shipped_calibrations() -> list[str]:
+    """Names of the calibrations shipped in ``configs/calibrations`` (``--calibration NAME`` loads one)."""
+    from calib.resources import config_path
+
+    return sorted(p.stem for p in config_path("calibrations").glob("*.yaml"))
+
+
 def load_calibration(path: str | None):
-    """``(Calibration, label)``: the file given, else the shipped default (``configs/calibrations``)."""
+    """``(Calibration, label)``: the file given, a shipped calibration by name (``h100-vllm-additive``) when no
+    such file exists, else the shipped default (``configs/calibrations``)."""
     from calib.calibration import Calibration
     from calib.resources import config_path
 
     if path:
+        shipped = config_path("calibrations", f"{path}.yaml")
+        if not Path(path).exists() and "/" not in str(path) and shipped.is_file():
+            return Calibration.load(shipped), f"shipped {path} (calibrations/{path}.yaml)"
         return Calibration.load(path), str(path)
     default = config_path(*DEFAULT_CALIBRATION)
     return Calibration.load(default), f"shipped default ({'/'.join(DEFAULT_CALIBRATION)})"
@@ -151,8 +162,9 @@ def register(subparsers) -> None:
     p.add_argument("runs", metavar="RUN", nargs="+",
                    help="run folder, folder of runs, or run name (e.g. llama-2-7b-tp1-codegen)")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration file (default: the shipped configs/calibrations/h100-vllm.yaml, the joint "
-                        "study's v4 calibration for synchronous and loaded serving, mixture-of-experts included)")
+                   help="calibration file, or the name of one shipped in configs/calibrations (e.g. "
+                        "h100-vllm-additive); default: h100-vllm, the joint study's v4 calibration for synchronous "
+                        "and loaded serving, mixture-of-experts included")
     p.add_argument("--data-dir", help="folder of runs the names are looked up in first (default: $CALIB_DATA; "
                                       "then the shipped dataset)")
     p.add_argument("--window", type=float, metavar="S",

@@ -64,9 +64,25 @@ def test_calibration_file_and_table(tmp_path, capsys):
     assert "mixtral-8x7b-v0-1-tp2-roleplay: not predicted:" in out and "mixture-of-experts" in out
 
 
+def test_a_shipped_calibration_by_name(tmp_path, monkeypatch, capsys):
+    """``--calibration NAME`` loads configs/calibrations/NAME.yaml when no file of that name exists."""
+    from calib.commands.predict import load_calibration, shipped_calibrations
+
+    assert {"h100-vllm", "h100-vllm-additive"} <= set(shipped_calibrations())
+    monkeypatch.chdir(tmp_path)
+    cal, label = load_calibration("h100-vllm-additive")
+    assert label.startswith("shipped h100-vllm-additive") and cal.settings.replay.cpu_overlap is False
+    default, _ = load_calibration(None)
+    assert default.settings.replay.cpu_overlap is True  # the joint study's run with the CPU overhead overlapped
+    (tmp_path / "h100-vllm-additive").write_text("not: a calibration\n")  # a file of that name wins
+    with pytest.raises(Exception, match="h100-vllm-additive"):
+        load_calibration("h100-vllm-additive")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["predict", "no-such-run"], "RUN: unknown run 'no-such-run'"),
     (["predict", "llama-2-7b-tp1-codegen", "--calibration", "nope.yaml"], "nope.yaml: file not found"),
+    (["predict", "llama-2-7b-tp1-codegen", "--calibration", "nope"], "nope: file not found"),
     (["predict", "llama-2-7b-tp1-codegen", "--window", "-1"], "--window: must be > 0 seconds"),
 ])
 def test_errors(tmp_path, monkeypatch, capsys, argv, message):

@@ -116,12 +116,17 @@ def running_trial_of(url: str, pid: int, with_params: bool = False):
     return None
 
 
-def kill_mid_trial(url: str, proc, timeout: float = 60.0, with_params: bool = False):
-    """SIGKILL ``proc`` while it evaluates a trial (stopped first, so the trial is surely unfinished)."""
+def kill_mid_trial(url: str, proc, timeout: float = 60.0, with_params: bool = False, finished_ok: bool = False):
+    """SIGKILL ``proc`` while it evaluates a trial (stopped first, so the trial is surely unfinished).
+
+    ``finished_ok``: return None when ``proc`` ended first (a fast worker can finish a small study between two
+    polls) instead of failing."""
     st = open_storage(url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if finished_ok:
+                return None
             pytest.fail(f"worker {proc.pid} ended (status {proc.returncode}) before it could be killed")
         hit = running_trial_of(url, proc.pid, with_params)
         if hit is not None:
@@ -174,18 +179,25 @@ def test_three_workers_give_the_serial_results(reference, tmp_path):
 
 
 def test_worker_killed_mid_trial_is_detected_and_its_trial_rerun(reference, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    journal = out / "optuna.journal"
-    url = f"journal:{journal}"
     study = str(reference["study"])
-    # two workers join first (one with --storage, one through CALIB_STORAGE), then the lead
-    victim = subprocess.Popen(calib_cmd("study", "worker", study, "--storage", url, "--no-progress", *FAST),
-                              env=env(), stdout=subprocess.DEVNULL)
-    other = subprocess.Popen(calib_cmd("study", "worker", study, "--no-progress", *FAST),
-                             env={**env(), "CALIB_STORAGE": url}, stdout=subprocess.PIPE, text=True)
+    for attempt in range(5):  # the two workers can finish the 28 grid trials before a poll sees one running
+        out = tmp_path / f"out{attempt}"
+        out.mkdir()
+        url = f"journal:{out / 'optuna.journal'}"
+        # two workers join first (one with --storage, one through CALIB_STORAGE), then the lead
+        victim = subprocess.Popen(calib_cmd("study", "worker", study, "--storage", url, "--no-progress", *FAST),
+                                  env=env(), stdout=subprocess.DEVNULL)
+        other = subprocess.Popen(calib_cmd("study", "worker", study, "--no-progress", *FAST),
+                                 env={**env(), "CALIB_STORAGE": url}, stdout=subprocess.PIPE, text=True)
+        hit = kill_mid_trial(url, victim, finished_ok=True)
+        if hit is not None:
+            break
+        other.wait(timeout=120)
+        other.stdout.close()
+    else:
+        pytest.fail("the victim worker finished the study before a running trial of it was seen, 5 times")
     try:
-        phase, killed = kill_mid_trial(url, victim)
+        phase, killed = hit
         t_kill = time.monotonic()
         lead = subprocess.run(calib_cmd("study", "run", study, "--out", str(out), "--no-progress", *FAST),
                               env=env(), capture_output=True, text=True, timeout=300)
