@@ -44,7 +44,7 @@ FIT_STUDY = "joint"
 def joint_candidate() -> tuple[dict, dict, dict]:
     """``(fixed, space, objective)`` of the shipped joint study's candidate: what ``calib calibrate`` fits.
 
-    ``fixed`` holds the candidate's physics and overhead model (``LoadedRegressor`` parameters),
+    ``fixed`` holds the candidate's physics, overhead model and ``cpu_overlap`` (``LoadedRegressor`` parameters),
     ``space`` the searched :class:`~calib.calibrate.Range` by settings name (built by the study's own
     :meth:`~calib.studies.loaded_data.CandidateStudy.space`), ``objective`` the loss weights and cap.
     """
@@ -53,8 +53,8 @@ def joint_candidate() -> tuple[dict, dict, dict]:
 
     spec = load_study_file(study_file(FIT_STUDY))
     (cand,) = spec.candidates
-    return ({**cand.physics, "overhead_model": cand.overhead_model}, spec.space(cand),
-            spec.objective.model_dump())
+    fixed = {**cand.physics, "overhead_model": cand.overhead_model, "cpu_overlap": cand.cpu_overlap}
+    return fixed, spec.space(cand), spec.objective.model_dump()
 
 
 def register(subparsers) -> None:
