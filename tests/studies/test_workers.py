@@ -189,7 +189,12 @@ def test_worker_killed_mid_trial_is_detected_and_its_trial_rerun(reference, tmp_
                                   env=env(), stdout=subprocess.DEVNULL)
         other = subprocess.Popen(calib_cmd("study", "worker", study, "--no-progress", *FAST),
                                  env={**env(), "CALIB_STORAGE": url}, stdout=subprocess.PIPE, text=True)
-        hit = kill_mid_trial(url, victim, finished_ok=True)
+        try:
+            hit = kill_mid_trial(url, victim, finished_ok=True)
+        except BaseException:  # no running trial seen in time: leave no worker behind
+            for p in (victim, other):
+                p.kill()
+            raise
         if hit is not None:
             break
         other.wait(timeout=120)
