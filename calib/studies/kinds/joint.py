@@ -126,9 +126,9 @@ def _candidates(spec: JointSchema) -> list[tuple]:
 
 
 def step_curves(name: str, settings, pairs, contexts, batches) -> list[dict]:
-    """Decode-only step time (hardware + overhead, or their maximum with ``replay.cpu_overlap``, ms) against batch size for ``(model, tp)`` ``pairs`` and
-    ``contexts`` under ``settings`` (:meth:`calib.physics.StepModel.step_us` of one
-    :class:`~calib.physics.batch.StepBatch` step per batch size)."""
+    """Decode-only step time (hardware + overhead, or their maximum with ``replay.cpu_overlap``, ms) against batch
+    size for ``(model, tp)`` ``pairs`` and ``contexts`` under ``settings`` (:meth:`calib.physics.StepModel.step_us`
+    of one :class:`~calib.physics.batch.StepBatch` step per batch size)."""
     from calib.physics import StepBatch, StepModel
 
     b = np.asarray(batches, dtype=np.int64)
