@@ -590,7 +590,9 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
             kwargs["connect_args"] = {"timeout": 60}  # several local processes may wait for the write lock
         elif "://" in url:
             kwargs["pool_pre_ping"] = True  # a database server restart does not break a long study
-        delays = (0.5, 1.0, 2.0, 4.0)
+        # the back-off of a search step's storage calls: a connection lost while opening is the same outage
+        from calib.calibrate.trials import RETRY_DELAYS as delays
+
         for attempt in range(len(delays) + 1):
             try:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,

@@ -365,3 +365,36 @@ def test_workers_into_a_folder_of_a_serial_run_resume_from_its_database(tmp_path
                  for t in optuna.load_study(study_name=s.study_name, storage=journal).get_trials()
                  if t.state == TrialState.COMPLETE and t.datetime_complete.timestamp() > (out / "optuna.db").stat().st_mtime]
     assert not evaluated  # nothing was evaluated again
+
+
+@pytest.mark.parametrize("losses, opens", [(6, True), (7, False)])
+def test_a_connection_lost_while_opening_is_retried_like_a_search_step(monkeypatch, losses, opens):
+    """Opening a database storage survives as many lost connections as a search step does
+    (``calib.calibrate.trials.RETRY_DELAYS``), then stops with one line."""
+    import sqlalchemy.exc
+
+    import calib.studies.storage as storage_module
+    from calib.calibrate.trials import RETRY_DELAYS
+    from calib.errors import StudyError
+
+    assert len(RETRY_DELAYS) == 6
+    calls, slept = [], []
+
+    class Flaky:
+        def __init__(self, url, **kw):
+            calls.append(url)
+            if len(calls) <= losses:
+                raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection "
+                                                                                 "unexpectedly"))
+            self.engine = sqlalchemy.create_engine("sqlite://")
+
+    monkeypatch.setattr(storage_module.optuna.storages, "RDBStorage", Flaky)
+    monkeypatch.setattr(storage_module.time, "sleep", slept.append)
+    url = "postgresql+psycopg2://u:secret@127.0.0.1:1/db"
+    if opens:
+        assert isinstance(storage_module.open_storage(url), Flaky)
+        assert slept == list(RETRY_DELAYS)
+    else:
+        with pytest.raises(StudyError, match="cannot be opened: .*server closed the connection") as err:
+            storage_module.open_storage(url)
+        assert "secret" not in str(err.value) and len(calls) == len(RETRY_DELAYS) + 1
