@@ -54,7 +54,7 @@ Crashes
 Lost storage
     A storage error that may go away (a dropped database connection, a lock
     timeout, an I/O error on the journal file) is retried with back-off
-    (:data:`RETRY_DELAYS`); a search step is safe to repeat, since it reads
+    (:data:`calib.studies.storage.RETRY_DELAYS`); a search step is safe to repeat, since it reads
     its state from the storage.  If the storage is still failing, or the
     error cannot go away (a damaged database), the search stops with a
     one-line :class:`~calib.errors.StudyError` naming the (masked) storage.
@@ -96,8 +96,6 @@ DISCARD_KEY = "calib:discarded"
 MAX_FAILURES_PER_VALUE = 5
 #: This many failed TPE trials in a row in one process stop the search.
 MAX_CONSECUTIVE_FAILURES = 10
-#: Seconds to wait before each retry of a search step after a storage error that may go away (about 30 s).
-RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 _RECORD: list[dict] | None = None
 
@@ -310,7 +308,7 @@ class _Retry:
 
     def failed(self, exc: Exception) -> None:
         """Called in an ``except`` block: returns after a back-off, or raises."""
-        from calib.studies.storage import is_storage_error, is_transient, storage_error
+        from calib.studies.storage import RETRY_DELAYS, is_storage_error, is_transient, storage_error
 
         if getattr(exc, "_calib_objective", False) or not is_storage_error(exc) and not (
                 isinstance(exc, OSError) and _is_journal(self.storage)):

@@ -454,6 +454,10 @@ def is_storage_error(exc: BaseException) -> bool:
     return False
 
 
+#: Seconds to wait before each retry of a storage call after an error that may go away (about 30 s in all): a
+#: search step (:mod:`calib.calibrate.trials`) and the opening of a database storage.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
 #: Words of a driver's message that say the connection was lost or the database busy, not that it is wrong.
 _LOST = ("server closed the connection", "connection reset", "terminating connection", "connection already closed",
          "could not receive data", "could not send data", "ssl syscall", "eof detected", "broken pipe",
@@ -590,9 +594,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
             kwargs["connect_args"] = {"timeout": 60}  # several local processes may wait for the write lock
         elif "://" in url:
             kwargs["pool_pre_ping"] = True  # a database server restart does not break a long study
-        # the back-off of a search step's storage calls: a connection lost while opening is the same outage
-        from calib.calibrate.trials import RETRY_DELAYS as delays
-
+        delays = RETRY_DELAYS  # a connection lost while opening is the same outage as one lost in a search step
         for attempt in range(len(delays) + 1):
             try:
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=interval,

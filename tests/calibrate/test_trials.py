@@ -359,9 +359,9 @@ def _flaky(method, failures: list[int], exc_factory):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    import calib.calibrate.trials as trials
+    import calib.studies.storage as storage
 
-    monkeypatch.setattr(trials, "RETRY_DELAYS", (0.01, 0.02, 0.04))
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.01, 0.02, 0.04))
 
 
 def test_a_storage_lost_for_a_while_is_retried_and_the_search_completes(tmp_path, fast_retries, caplog):

@@ -370,12 +370,12 @@ def test_workers_into_a_folder_of_a_serial_run_resume_from_its_database(tmp_path
 @pytest.mark.parametrize("losses, opens", [(6, True), (7, False)])
 def test_a_connection_lost_while_opening_is_retried_like_a_search_step(monkeypatch, losses, opens):
     """Opening a database storage survives as many lost connections as a search step does
-    (``calib.calibrate.trials.RETRY_DELAYS``), then stops with one line."""
+    (``calib.studies.storage.RETRY_DELAYS``), then stops with one line."""
     import sqlalchemy.exc
 
     import calib.studies.storage as storage_module
-    from calib.calibrate.trials import RETRY_DELAYS
     from calib.errors import StudyError
+    from calib.studies.storage import RETRY_DELAYS
 
     assert len(RETRY_DELAYS) == 6
     calls, slept = [], []
